@@ -7,7 +7,7 @@ import logging
 import platform
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ class ConvertConfig:
 
     out: Path
     checkpoint: Path | None = None
-    dims: EncoderDims = EncoderDims()
+    dims: EncoderDims = field(default_factory=EncoderDims)
     precision: str = "fp32"
     fusion: str = "bert"
     max_seq_len: int = 512
