@@ -27,15 +27,15 @@ def test_loads_and_describes(bundle_copy: Path) -> None:
 def test_tampered_model_is_refused(bundle_copy: Path) -> None:
     with (bundle_copy / "model.onnx").open("ab") as fh:
         fh.write(b"\0")
-    with pytest.raises(BundleError, match="checksum mismatch for model.onnx"):
+    with pytest.raises(BundleError, match=r"checksum mismatch for model\.onnx"):
         load_bundle(bundle_copy)
 
 
 def test_missing_pieces(bundle_copy: Path, tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="manifest.json is missing"):
+    with pytest.raises(BundleError, match=r"manifest\.json is missing"):
         load_bundle(tmp_path / "nowhere")
     (bundle_copy / "model.onnx").unlink()
-    with pytest.raises(BundleError, match="model.onnx is missing"):
+    with pytest.raises(BundleError, match=r"model\.onnx is missing"):
         load_bundle(bundle_copy)
 
 
