@@ -1,0 +1,1 @@
+"""HTTP layer: thin routes, request/response codecs, the error table, response schemas."""

@@ -1,0 +1,52 @@
+"""Request-scoped access to the service's parts (set up by ``service.app``'s lifespan)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.api.errors import NotReady
+from service.batching.batcher import Batcher
+from service.engine.base import Engine
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    """What the routes see. ``engine``/``batcher`` appear once loading and warm-up finished."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None
+    batcher: Batcher | None = None
+    draining: bool = False
+    load_error: str | None = None
+
+    def not_ready_reason(self) -> str | None:
+        if self.load_error is not None:
+            return f"the model failed to load: {self.load_error}"
+        if self.draining:
+            return "the service is shutting down"
+        if self.engine is None or self.batcher is None:
+            return "the model is loading and warming up"
+        if not self.batcher.alive:
+            return "the batching loop is not running"
+        return None
+
+    def ready_parts(self) -> tuple[Engine, Batcher]:
+        reason = self.not_ready_reason()
+        if reason is not None:
+            raise NotReady(reason)
+        assert self.engine is not None and self.batcher is not None
+        return self.engine, self.batcher
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+State = Annotated[ServiceState, Depends(get_state)]

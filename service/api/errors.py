@@ -1,0 +1,107 @@
+"""One table from domain errors to HTTP: status, error type, and the outcome label counted in metrics.
+
+Every error answer has the same body: ``{"error": {"type": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFailed, Overloaded
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = "1"
+
+
+class InvalidInput(Exception):
+    """The request body or its headers do not describe a valid input for the loaded model."""
+
+
+class UnsupportedMediaType(Exception):
+    """The Content-Type is none of the supported formats."""
+
+
+class PayloadTooLarge(Exception):
+    """The body is larger than ``max_body_bytes``."""
+
+
+class NotReady(Exception):
+    """The engine is still loading or warming up, failed to load, or the service is draining."""
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    status: int
+    type: str
+    outcome: str
+    retry_after: bool = False
+
+
+ERRORS: dict[type[BaseException], ErrorSpec] = {
+    InvalidInput: ErrorSpec(422, "invalid_input", "invalid"),
+    UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type", "invalid"),
+    PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid"),
+    Overloaded: ErrorSpec(429, "overloaded", "overloaded", retry_after=True),
+    DeadlineExceeded: ErrorSpec(504, "deadline_exceeded", "timeout"),
+    EngineFailed: ErrorSpec(500, "inference_failed", "error"),
+    NotReady: ErrorSpec(503, "not_ready", "unavailable", retry_after=True),
+    BatcherStopped: ErrorSpec(503, "not_ready", "unavailable", retry_after=True),
+    # 499 (nginx's "client closed request"): nobody reads it, but logs and metrics show what happened.
+    ClientDisconnected: ErrorSpec(499, "client_disconnected", "cancelled"),
+    ClientDisconnect: ErrorSpec(499, "client_disconnected", "cancelled"),
+}
+INTERNAL = ErrorSpec(500, "internal_error", "error")
+
+
+def spec_for(exc: BaseException) -> ErrorSpec:
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            return ERRORS[cls]
+    return INTERNAL
+
+
+def error_body(error_type: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"type": error_type, "message": message}}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    spec = spec_for(exc)
+    if spec is INTERNAL:
+        log.error("unexpected error", exc_info=exc)
+    headers = {"Retry-After": RETRY_AFTER_S} if spec.retry_after else None
+    message = str(exc) or type(exc).__name__
+    return JSONResponse(error_body(spec.type, message), status_code=spec.status, headers=headers)
+
+
+async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    body = error_body("http_error", str(exc.detail))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(error_body("invalid_input", str(exc.errors())), status_code=422)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Same body shape for every error, including FastAPI's own 404/405/validation answers."""
+    for cls in ERRORS:
+        app.add_exception_handler(cls, _domain_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,0 +1,77 @@
+"""The HTTP routes. Thin: each one hands over to serving, the state, or the metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.api import codecs, serving
+from service.api.deps import State
+from service.api.errors import error_body
+from service.api.schemas import EncodeJSONRequest, EncodeJSONResponse, ErrorBody, ModelCard, ModelList, Status
+from service.metrics import CONTENT_TYPE
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (413, 415, 422, 429, 500, 503, 504)}
+_ENCODE_BODY = {
+    "required": True,
+    "content": {
+        codecs.JSON: {"schema": EncodeJSONRequest.model_json_schema()},
+        codecs.NPY: {"schema": {"type": "string", "format": "binary"}},
+        codecs.RAW: {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+@router.post(
+    "/encode",
+    response_class=Response,
+    responses={200: {"model": EncodeJSONResponse}, **_ERRORS},
+    openapi_extra={"requestBody": _ENCODE_BODY},
+)
+async def encode(request: Request, state: State) -> Response:
+    """Encode (S, D) or (B, S, D) inputs sent as JSON, .npy or raw bytes (X-Shape, X-Dtype)."""
+    return await serving.encode(request, state)
+
+
+@router.get("/healthz", response_model=Status)
+async def healthz(state: State) -> Any:
+    """The process is alive (and did not fail to load its model)."""
+    if state.load_error is not None:
+        return JSONResponse(error_body("load_failed", state.load_error), status_code=503)
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}})
+async def readyz(state: State) -> Any:
+    """Ready once the engine is built, every batch bucket warmed up, and the batcher runs."""
+    reason = state.not_ready_reason()
+    if reason is not None:
+        return JSONResponse(error_body("not_ready", reason), status_code=503, headers={"Retry-After": "1"})
+    return Status(status="ready")
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: State) -> Response:
+    """Prometheus text format (aggregated over worker processes when there are several)."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/models", response_model=ModelList, responses={503: {"model": ErrorBody}})
+async def models(state: State) -> ModelList:
+    """The loaded model: dims, dtype, provider, batch buckets."""
+    engine, batcher = state.ready_parts()
+    card = ModelCard(
+        name=engine.name,
+        dim=engine.dim,
+        dtype=engine.dtype.name,
+        max_seq_len=engine.max_seq_len,
+        provider=engine.provider,
+        buckets=list(engine.buckets),
+        max_batch_size=batcher.config.max_batch_size,
+        fixed_shapes=engine.fixed_shapes,
+        details=engine.describe(),
+    )
+    return ModelList(models=[card])

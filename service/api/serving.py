@@ -1,0 +1,131 @@
+"""The /encode logic behind the thin route: read, decode, validate, batch, encode, count."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import Request, Response
+from starlette.types import Receive
+
+from service.api import codecs
+from service.api.deps import ServiceState
+from service.api.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, error_response, spec_for
+from service.engine.base import Engine
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def encode(request: Request, state: ServiceState) -> Response:
+    """Answer one /encode request; every request is counted exactly once, by outcome."""
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        response = await _encode(request, state, time.monotonic())
+        outcome = "ok"
+        return response
+    except asyncio.CancelledError:
+        outcome = "cancelled"  # the server cancelled the handler (client gone, shutdown)
+        raise
+    except Exception as exc:
+        outcome = spec_for(exc).outcome
+        return error_response(exc)
+    finally:
+        state.metrics.observe_request(outcome, time.perf_counter() - started)
+
+
+async def _encode(request: Request, state: ServiceState, arrived: float) -> Response:
+    engine, batcher = state.ready_parts()
+    settings = state.settings
+    headers = request.headers
+    fmt_in = codecs.request_format(headers.get("content-type"))
+    fmt_out = codecs.response_format(headers.get("accept"), fmt_in)
+    deadline = arrived + timeout_s(headers.get("x-request-timeout-ms"), settings.request_timeout_ms)
+    body = await read_body(request, settings.max_body_bytes)
+    decoded = codecs.decode(fmt_in, body, headers)
+    batch = as_batch(decoded.array, engine)
+    result = await until_disconnected(request.receive, batcher.submit(batch.astype(engine.dtype, copy=False), deadline))
+    output = result.output if decoded.array.ndim == 3 else result.output[0]
+    encoded = codecs.encode(fmt_out, output.astype(decoded.wire_dtype, copy=False), engine.name)
+    timing = {"x-queue-time": f"{result.queue_s:.6f}", "x-inference-time": f"{result.compute_s:.6f}"}
+    return Response(encoded.content, media_type=encoded.media_type, headers={**encoded.headers, **timing})
+
+
+def timeout_s(header: str | None, default_ms: float) -> float:
+    if header is None:
+        return default_ms / 1000.0
+    try:
+        value = float(header)
+    except ValueError as exc:
+        raise InvalidInput(f"X-Request-Timeout-Ms must be a number of milliseconds, got {header!r}") from exc
+    if not value > 0:  # also refuses NaN
+        raise InvalidInput(f"X-Request-Timeout-Ms must be positive, got {header!r}")
+    return value / 1000.0
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 from Content-Length before reading, or as soon as a stream passes ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError as exc:
+            raise InvalidInput(f"bad Content-Length {declared!r}") from exc
+        if size > limit:
+            raise PayloadTooLarge(f"the body is {size} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def as_batch(array: np.ndarray, engine: Engine) -> np.ndarray:
+    """(S, D) or (B, S, D) -> (B, S, D), checked against the model: rank, width, sequence length."""
+    if array.ndim not in (2, 3):
+        raise InvalidInput(f"expected shape (S, D) or (B, S, D), got {list(array.shape)}")
+    batch = array if array.ndim == 3 else array[np.newaxis]
+    samples, seq_len, dim = batch.shape
+    if dim != engine.dim:
+        raise InvalidInput(f"the last dimension must be {engine.dim} (the model's width), got {dim}")
+    if samples == 0 or seq_len == 0:
+        raise InvalidInput(f"the input is empty: shape {list(array.shape)}")
+    if seq_len > engine.max_seq_len:
+        raise InvalidInput(f"sequence length {seq_len} is over the model's maximum {engine.max_seq_len}")
+    return batch
+
+
+async def _disconnected(receive: Receive) -> None:
+    # Once the body is read, the server's next message is http.disconnect: when the client leaves (uvicorn,
+    # httpx) or once the response is complete. Either way the work it races is no longer wanted.
+    while True:
+        message: dict[str, Any] = dict(await receive())
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it (so the batcher drops the request) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})  # let the batcher withdraw the request before the answer goes out
+    if not task.cancelled():
+        task.exception()  # it may have finished meanwhile; the client is gone either way
+    log.info("client disconnected before its answer was ready")
+    raise ClientDisconnected("the client disconnected before its answer was ready")

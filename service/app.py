@@ -1,0 +1,108 @@
+"""The application factory and its lifespan: the one place that wires concrete parts together.
+
+The server answers /healthz at once; the engine is built and warmed up in the background, and /readyz
+turns 200 only when that finished and the batcher runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from service.api.deps import ServiceState
+from service.api.errors import install_error_handlers
+from service.api.routes import router
+from service.batching.batcher import Batcher, BatcherConfig
+from service.engine.base import Engine
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The production engine for ``settings.model_dir`` (slow: loads and checks the bundle, builds the session)."""
+    if settings.model_dir is None:
+        raise ValueError("model_dir is not set: run `python -m service`, which converts the default model")
+    from service.engine.onnx import OnnxEngine  # imported here: onnxruntime only where a real engine is built
+
+    return OnnxEngine.from_dir(
+        settings.model_dir,
+        provider=settings.provider,
+        max_batch_size=settings.max_batch_size,
+        seq_lens=settings.seq_lens,
+        cuda_graphs=settings.cuda_graphs,
+    )
+
+
+def batcher_config(settings: Settings, engine: Engine) -> BatcherConfig:
+    max_batch = min(settings.max_batch_size, max(engine.buckets))
+    return BatcherConfig(
+        max_batch_size=max_batch,
+        max_delay_s=settings.max_delay_s,
+        max_queue=settings.max_queue,
+        pad_buckets=engine.buckets if engine.fixed_shapes else None,
+    )
+
+
+def model_info(engine: Engine, max_batch_size: int) -> dict[str, object]:
+    return {
+        "model": engine.name,
+        "provider": engine.provider,
+        "dtype": engine.dtype.name,
+        "dim": engine.dim,
+        "max_seq_len": engine.max_seq_len,
+        "max_batch_size": max_batch_size,
+    }
+
+
+async def bring_up(state: ServiceState, engine: Engine | None) -> None:
+    """Build (unless given), warm up on the engine thread, start batching; record any failure for /readyz."""
+    try:
+        if engine is None:
+            engine = await asyncio.to_thread(build_engine, state.settings)
+        config = batcher_config(state.settings, engine)
+        batcher = Batcher(engine, config, observer=state.metrics.observer(engine.buckets))
+        await batcher.warm_up()
+        batcher.start()
+    except Exception as exc:
+        log.exception("loading the model failed")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        return
+    state.metrics.set_model(model_info(engine, config.max_batch_size), engine.buckets)
+    state.engine, state.batcher = engine, batcher
+    log.info("ready: %s on %s, batches up to %s", engine.name, engine.provider, config.max_batch_size)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """The ASGI app. ``engine`` is for tests (e.g. a FakeEngine); by default the lifespan builds an OnnxEngine."""
+    state = ServiceState(settings=settings, metrics=Metrics())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(bring_up(state, engine), name="encoder-load")
+        try:
+            yield
+        finally:
+            state.draining = True
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            if state.batcher is not None:
+                await state.batcher.stop()
+            state.metrics.close()
+
+    app = FastAPI(title="encoder-service", version="0.1.0", lifespan=lifespan)
+    app.state.service = state
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for worker processes (``--workers N``): settings come from ``ENCODER_*`` variables."""
+    return create_app(Settings())

@@ -1,0 +1,291 @@
+"""The dynamic batcher: ``submit`` from any request handler; one asyncio task forms and runs batches.
+
+A batch is sent when ``max_batch_size`` samples of one sequence length wait, or ``max_delay_s`` after the
+oldest of them arrived. The engine runs on a dedicated single thread, so the event loop keeps parsing and
+queueing requests while a batch computes, and the next batch is formed from everything that arrived
+meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFailed, Overloaded
+from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
+from service.batching.queue import Done, Item, PendingQueue, Ticket
+
+log = logging.getLogger(__name__)
+
+
+class BatchEngine(Protocol):
+    """What the batcher needs from an engine."""
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def warmup(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Plain values from the settings. ``pad_buckets`` set means: pad every batch up to one of these sizes."""
+
+    max_batch_size: int = 32
+    max_delay_s: float = 0.005
+    max_queue: int = 1024
+    pad_buckets: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_delay_s < 0:
+            raise ValueError(f"invalid batcher config {self}")
+        if self.pad_buckets is not None and max(self.pad_buckets) < self.max_batch_size:
+            raise ValueError(f"pad buckets {self.pad_buckets} cannot hold max_batch_size {self.max_batch_size}")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A request's output in input order, with the longest queue wait and the summed compute of its chunks."""
+
+    output: np.ndarray
+    queue_s: float
+    compute_s: float
+
+
+def pad_size(samples: int, buckets: Sequence[int] | None) -> int:
+    """Smallest bucket holding ``samples`` (or ``samples`` itself without buckets)."""
+    if not buckets:
+        return samples
+    return next(b for b in sorted(buckets) if b >= samples)
+
+
+def run_batch(engine: BatchEngine, inputs: list[np.ndarray], padded: int) -> tuple[np.ndarray, float]:
+    """Stack, pad, run, check: executed on the engine thread so the event loop stays free."""
+    x = inputs[0] if len(inputs) == 1 else np.concatenate(inputs, axis=0)
+    samples = x.shape[0]
+    if padded > samples:
+        x = np.concatenate([x, np.zeros((padded - samples, *x.shape[1:]), dtype=x.dtype)], axis=0)
+    start = time.perf_counter()
+    out = engine.run(x)
+    elapsed = time.perf_counter() - start
+    if out.shape[:2] != x.shape[:2]:
+        raise RuntimeError(f"engine returned shape {out.shape} for input {x.shape}")
+    return out[:samples], elapsed
+
+
+class Batcher:
+    """Owns the request queue and the engine thread. ``start()``/``stop()`` are explicit; the constructor is cheap."""
+
+    def __init__(self, engine: BatchEngine, config: BatcherConfig, observer: BatcherObserver | None = None) -> None:
+        self._engine = engine
+        self.config = config
+        self._observer = SafeObserver(observer or NullObserver())
+        self._queue = PendingQueue()
+        self._waiting = 0  # requests with at least one chunk still queued
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # One thread for every engine call: warm-up (e.g. CUDA-graph capture) and batches run on the same one.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-engine")
+        self._stopping = False
+
+    @property
+    def alive(self) -> bool:
+        """True while the batching loop runs; False before start, after stop, or when the loop died."""
+        return self._task is not None and not self._task.done() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    async def warm_up(self) -> None:
+        """Run the engine's warm-up on the engine thread (call before ``start``; it may take long)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.warmup)
+
+    def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("batcher already started")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="encoder-batcher")
+        self._observer.on_alive(True)
+
+    async def stop(self) -> None:
+        """Stop the loop; whatever still waits fails with :class:`BatcherStopped`."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._fail_queued(BatcherStopped, "the service is shutting down")
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._observer.on_alive(False)
+
+    async def submit(self, x: np.ndarray, deadline: float | None = None) -> BatchResult:
+        """Compute ``x`` (B, S, D), split into chunks of at most ``max_batch_size`` samples.
+
+        ``deadline`` is a ``time.monotonic()`` instant: if it passes before a chunk is computed, the request
+        ends with :class:`DeadlineExceeded` and its other queued chunks are withdrawn.
+        """
+        if not self.alive:
+            raise BatcherStopped("the batcher is not running")
+        if self._waiting >= self.config.max_queue:
+            raise Overloaded(f"{self._waiting} requests are already waiting (max_queue={self.config.max_queue})")
+        items = self._enqueue(x, deadline)
+        try:
+            done = await self._wait(items, deadline)
+        except asyncio.CancelledError:
+            if self._withdraw(items):
+                self._drop(items[0].ticket, "cancelled")
+            raise
+        finally:
+            self._cancel_unfinished(items)
+        output = done[0].output if len(done) == 1 else np.concatenate([d.output for d in done], axis=0)
+        return BatchResult(output, max(d.queue_s for d in done), sum(d.compute_s for d in done))
+
+    def _enqueue(self, x: np.ndarray, deadline: float | None) -> list[Item]:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        step = self.config.max_batch_size
+        chunks = [x[i : i + step] for i in range(0, x.shape[0], step)]
+        ticket = Ticket(waiting=len(chunks))
+        items = [Item(chunk, loop.create_future(), ticket, now, deadline) for chunk in chunks]
+        for item in items:
+            self._queue.add(item)
+        self._waiting += 1
+        self._observer.on_queue_depth(self._waiting)
+        self._wakeup.set()
+        return items
+
+    async def _wait(self, items: list[Item], deadline: float | None) -> list[Done]:
+        futures = [item.future for item in items]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        while True:
+            done, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+            # Read every finished future's exception, so none is logged as "never retrieved".
+            errors = [f.exception() for f in done if not f.cancelled()]
+            error = next((e for e in errors if e is not None), None)
+            if error is not None:
+                self._withdraw(items)
+                raise error
+            if not pending:
+                return [f.result() for f in futures]
+            if self._withdraw(items):
+                self._drop(items[0].ticket, "timeout")
+                raise DeadlineExceeded("the request's deadline passed while it waited in the queue")
+            timeout = None  # every chunk left is computing now: its result is worth waiting for
+
+    def _withdraw(self, items: list[Item]) -> int:
+        """Take a request's still-queued chunks out of the queue; returns how many there were."""
+        removed = 0
+        for item in items:
+            if self._queue.discard(item):
+                removed += 1
+                item.future.cancel()
+                self._left_queue(item)
+        return removed
+
+    @staticmethod
+    def _cancel_unfinished(items: list[Item]) -> None:
+        """The caller is done with these chunks: results or errors arriving later go nowhere."""
+        for item in items:
+            item.future.cancel()
+
+    def _left_queue(self, item: Item) -> None:
+        item.ticket.waiting -= 1
+        if item.ticket.waiting == 0:
+            self._waiting -= 1
+            self._observer.on_queue_depth(self._waiting)
+
+    def _drop(self, ticket: Ticket, reason: str) -> None:
+        """Count a request that was never computed, once however many chunks it had."""
+        if not ticket.dropped:
+            ticket.dropped = True
+            self._observer.on_dropped(reason, 1)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                seq_len = await self._next_ready_group()
+                batch = self._take(seq_len)
+                if batch:
+                    await self._compute(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug here must not leave a green /readyz over a queue nobody serves.
+            log.exception("batching loop died; the service is not ready any more")
+            self._observer.on_alive(False)
+            self._fail_queued(BatcherStopped, f"the batching loop died: {exc}")
+
+    async def _next_ready_group(self) -> int:
+        while True:
+            now = time.monotonic()
+            seq_len, due = self._queue.ready(now, self.config.max_batch_size, self.config.max_delay_s)
+            if seq_len is not None:
+                return seq_len
+            self._wakeup.clear()
+            timeout = None if due is None else max(0.0, due - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _take(self, seq_len: int) -> list[Item]:
+        now = time.monotonic()
+
+        def accept(item: Item) -> bool:
+            if item.future.done():  # the caller went away (or already failed) while it waited
+                self._drop(item.ticket, "cancelled")
+                return False
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(DeadlineExceeded("the request's deadline passed before compute"))
+                self._drop(item.ticket, "timeout")
+                return False
+            return True
+
+        taken, rejected = self._queue.take(seq_len, self.config.max_batch_size, accept)
+        for item in (*taken, *rejected):
+            self._left_queue(item)
+        return taken
+
+    async def _compute(self, batch: list[Item]) -> None:
+        samples = sum(item.samples for item in batch)
+        padded = pad_size(samples, self.config.pad_buckets)
+        started = time.monotonic()
+        waits = tuple(started - item.enqueued for item in batch)
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(self._executor, run_batch, self._engine, [item.x for item in batch], padded)
+        try:
+            out, compute_s = await call
+        except asyncio.CancelledError:
+            self._fail(batch, BatcherStopped, "the service shut down while this request was computing")
+            raise
+        except Exception as exc:
+            log.warning("batch of %s samples (seq %s) failed: %s", samples, batch[0].seq_len, exc, exc_info=True)
+            self._fail(batch, EngineFailed, f"inference failed: {type(exc).__name__}: {exc}")
+            stats = BatchStats(samples, padded, batch[0].seq_len, time.monotonic() - started, waits, failed=True)
+            self._observer.on_batch(stats)
+            return
+        self._observer.on_batch(BatchStats(samples, padded, batch[0].seq_len, compute_s, waits))
+        offset = 0
+        for item, wait in zip(batch, waits, strict=True):
+            if not item.future.done():
+                item.future.set_result(Done(out[offset : offset + item.samples], wait, compute_s))
+            offset += item.samples
+
+    @staticmethod
+    def _fail(items: list[Item], error: type[Exception], message: str) -> None:
+        # One exception object per future: a shared one would collect every waiter's traceback.
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error(message))
+
+    def _fail_queued(self, error: type[Exception], message: str) -> None:
+        queued = list(self._queue)
+        for item in queued:
+            self._queue.discard(item)
+            self._left_queue(item)
+        self._fail(queued, error, message)

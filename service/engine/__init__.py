@@ -1,0 +1,8 @@
+"""Engines: what computes a batch. ``onnx`` is the only module that touches converter.session/onnxruntime."""
+
+from __future__ import annotations
+
+from service.engine.base import Engine, batch_buckets
+from service.engine.fake import FakeEngine
+
+__all__ = ["Engine", "FakeEngine", "batch_buckets"]

@@ -1,0 +1,43 @@
+"""The engine interface the service is written against."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Computes (B, S, D) -> (B, S, D) on host arrays. ``run`` is called from one thread at a time.
+
+    ``fixed_shapes`` says the engine is fastest at exactly the ``buckets`` batch sizes (CUDA graphs), so the
+    batcher pads to them. ``warmup`` builds/captures whatever makes every bucket fast; it may be slow.
+    """
+
+    name: str
+    dim: int
+    dtype: np.dtype[Any]
+    max_seq_len: int
+    buckets: tuple[int, ...]
+    provider: str
+    fixed_shapes: bool
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def warmup(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below ``max_batch_size``, then ``max_batch_size`` itself: (1, 2, 4, ..., max)."""
+    if max_batch_size < 1:
+        raise ValueError(f"max batch size must be positive, got {max_batch_size}")
+    buckets = []
+    size = 1
+    while size < max_batch_size:
+        buckets.append(size)
+        size *= 2
+    buckets.append(max_batch_size)
+    return tuple(buckets)

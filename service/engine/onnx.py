@@ -1,0 +1,70 @@
+"""The production engine: a converter bundle on an onnxruntime session (TensorRT, CUDA or CPU EP)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converter.bundle import Bundle, load_bundle
+from converter.providers import SessionOptions
+from converter.session import EncoderSession
+from service.engine.base import batch_buckets
+
+log = logging.getLogger(__name__)
+
+
+def served_seq_lens(seq_lens: tuple[int, ...], max_seq_len: int) -> tuple[int, ...]:
+    """Warm-up sequence lengths the bundle can take; the longest allowed one if none of them fits."""
+    fitting = tuple(sorted({s for s in seq_lens if 0 < s <= max_seq_len}))
+    return fitting or (max_seq_len,)
+
+
+class OnnxEngine:
+    """Wraps :class:`converter.session.EncoderSession`. Building it loads and checks the bundle (slow)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        provider: str = "auto",
+        max_batch_size: int = 32,
+        seq_lens: tuple[int, ...] = (196,),
+        cuda_graphs: bool = True,
+    ) -> None:
+        self.bundle = bundle
+        self.name = bundle.name
+        self.dim = bundle.dim
+        self.dtype = np.dtype(bundle.dtype)
+        self.max_seq_len = bundle.max_seq_len
+        self.buckets = batch_buckets(max_batch_size)
+        self.seq_lens = served_seq_lens(seq_lens, bundle.max_seq_len)
+        options = SessionOptions(
+            provider=provider, batch_buckets=self.buckets, seq_lens=self.seq_lens, cuda_graphs=cuda_graphs
+        )
+        self.session = EncoderSession(bundle, options)
+        self.provider = self.session.provider
+        # Captured CUDA graphs exist only for the bucket sizes: padding a batch up to one is what makes it fast.
+        self.fixed_shapes = self.session.uses_cuda_graphs
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, **kwargs: Any) -> OnnxEngine:
+        return cls(load_bundle(directory), **kwargs)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(x)
+
+    def warmup(self) -> None:
+        shapes = self.session.warmup()
+        log.info("warmed up %s shapes (batch x seq) on %s", len(shapes), self.provider)
+
+    def describe(self) -> dict[str, Any]:
+        manifest = self.bundle.manifest
+        return {
+            "dims": manifest.get("dims", {"dim": self.dim}),
+            "precision": self.bundle.precision,
+            "directory": str(self.bundle.directory),
+            "warmup_seq_lens": list(self.seq_lens),
+            "session": self.session.describe(),
+        }

@@ -1,0 +1,165 @@
+"""Every Prometheus object of the service, and the adapter the batcher reports through.
+
+With several worker processes, prometheus_client's multiprocess mode is used: ``__main__`` points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start, each worker writes its own
+files there, and ``/metrics`` on any worker aggregates all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, ParamSpec
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from service.batching.observer import BatchStats
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+
+OUTCOMES = ("ok", "invalid", "overloaded", "timeout", "cancelled", "error", "unavailable")
+DROP_REASONS = ("cancelled", "timeout")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_SIZE_BUCKETS = tuple(float(1 << i) for i in range(13))  # 1 .. 4096, powers of two
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def never_raises(method: Callable[P, None]) -> Callable[P, None]:
+    """Metrics are never worth a failed request: log and go on."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:
+            log.warning("recording metric %s failed", method.__name__, exc_info=True)
+
+    return wrapper
+
+
+def bucket_label(samples: int, buckets: tuple[int, ...]) -> str:
+    """The batch-size label: the smallest bucket holding ``samples``, so label values stay a small fixed set."""
+    return str(next((b for b in buckets if b >= samples), buckets[-1]))
+
+
+class Metrics:
+    """The service's metrics on a registry of their own (so several apps can live in one test process)."""
+
+    def __init__(self, multiprocess_mode: bool | None = None) -> None:
+        self.multiprocess = multiprocess_enabled() if multiprocess_mode is None else multiprocess_mode
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("encoder_requests", "HTTP /encode requests by outcome", ["outcome"], registry=r)
+        self.request_latency = Histogram(
+            "encoder_request_duration_seconds", "/encode latency to the answer", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "encoder_queue_wait_seconds", "a request chunk's wait for its batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "encoder_inference_duration_seconds",
+            "engine time per batch, by batch-size bucket",
+            ["batch_size"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "encoder_batch_size", "samples per engine batch (before padding)", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.samples = Counter("encoder_samples_processed", "samples computed (rate() = throughput)", registry=r)
+        self.padding = Counter("encoder_padding_samples", "padding rows added to reach a bucket size", registry=r)
+        self.batch_failures = Counter("encoder_batch_failures", "engine batches that raised", registry=r)
+        self.dropped = Counter(
+            "encoder_dropped_requests", "requests dropped from the queue before compute", ["reason"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "encoder_queue_depth", "requests waiting for a batch", multiprocess_mode="livesum", registry=r
+        )
+        self.batcher_alive = Gauge(
+            "encoder_batcher_alive",
+            "1 while the batching loop runs (min over workers)",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "encoder_model_info",
+            "the loaded model (value 1)",
+            ["model", "provider", "dtype", "dim", "max_seq_len", "max_batch_size"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome=outcome)
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason=reason)
+
+    @never_raises
+    def observe_request(self, outcome: str, seconds: float) -> None:
+        self.requests.labels(outcome=outcome).inc()
+        self.request_latency.observe(seconds)
+
+    @never_raises
+    def set_model(self, info: dict[str, Any], buckets: tuple[int, ...]) -> None:
+        self.model_info.labels(**{k: str(v) for k, v in info.items()}).set(1)
+        for bucket in buckets:  # every label value exists from the start, so rate() works at once
+            self.inference.labels(batch_size=str(bucket))
+
+    def observer(self, buckets: tuple[int, ...]) -> MetricsObserver:
+        return MetricsObserver(self, buckets)
+
+    def render(self) -> bytes:
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    @never_raises
+    def close(self) -> None:
+        """A worker going away: its live gauges leave the aggregate."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
+
+
+class MetricsObserver:
+    """The batcher's :class:`~service.batching.observer.BatcherObserver`, writing into :class:`Metrics`."""
+
+    def __init__(self, metrics: Metrics, buckets: tuple[int, ...]) -> None:
+        self._m = metrics
+        self._buckets = buckets
+
+    def on_batch(self, stats: BatchStats) -> None:
+        m = self._m
+        for wait in stats.queue_waits_s:
+            m.queue_wait.observe(wait)
+        m.batch_size.observe(stats.samples)
+        if stats.failed:
+            m.batch_failures.inc()
+            return
+        m.inference.labels(batch_size=bucket_label(stats.samples, self._buckets)).observe(stats.compute_s)
+        m.samples.inc(stats.samples)
+        m.padding.inc(stats.padded - stats.samples)
+
+    def on_dropped(self, reason: str, count: int) -> None:
+        self._m.dropped.labels(reason=reason).inc(count)
+
+    def on_queue_depth(self, depth: int) -> None:
+        self._m.queue_depth.set(depth)
+
+    def on_alive(self, alive: bool) -> None:
+        self._m.batcher_alive.set(1 if alive else 0)

@@ -1,0 +1,67 @@
+"""All service configuration: one pydantic-settings class, read from ``ENCODER_*`` variables and CLI flags.
+
+Built once in ``__main__`` (or by :func:`service.app.app_from_env` in a worker process) and passed down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "ENCODER_"
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """Service settings; every field is also the environment variable ``ENCODER_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    model_dir: Path | None = Field(None, description="bundle directory; unset: the built-in default model")
+    provider: Literal["auto", "tensorrt", "cuda", "cpu"] = Field("auto", description="onnxruntime provider")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="most samples in one engine batch")
+    max_delay_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill after its first request")
+    max_queue: int = Field(1024, ge=1, description="most requests waiting; beyond it, 429 at once")
+    request_timeout_ms: float = Field(30_000, gt=0, description="default deadline (X-Request-Timeout-Ms overrides)")
+    max_body_bytes: int = Field(64 * MIB, ge=1, description="largest request body; beyond it, 413")
+    workers: int = Field(1, ge=1, description="worker processes, each with its own engine")
+    seq_lens: Annotated[tuple[int, ...], NoDecode] = Field(
+        (196,), description="comma-separated sequence lengths to warm up (and capture CUDA graphs for)"
+    )
+    cuda_graphs: bool = Field(True, description="capture CUDA graphs per batch bucket on the CUDA EP")
+    cache_dir: Path | None = Field(None, description="parent of the converted default model (~/.cache/encoder-service)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+
+    @field_validator("seq_lens", mode="before")
+    @classmethod
+    def _split_seq_lens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _positive_seq_lens(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or min(value) < 1:
+            raise ValueError("seq_lens must be positive integers")
+        return value
+
+    @property
+    def max_delay_s(self) -> float:
+        return self.max_delay_ms / 1000.0
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``ENCODER_*`` variables, for worker processes that rebuild them from the env."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return env
