@@ -105,9 +105,12 @@ def decode_json(body: bytes) -> np.ndarray:
     if not isinstance(inputs, list):
         raise InvalidInput('"inputs" must be a nested array of numbers, (S, D) or (B, S, D)')
     try:
-        return np.asarray(inputs, dtype=np.float32)
+        array = np.asarray(inputs)  # no dtype: nulls, strings and booleans show in the kind instead of converting
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f'"inputs" must be a rectangular array of numbers: {exc}') from exc
+    if array.dtype.kind not in "fiu":
+        raise InvalidInput(f'"inputs" must be a rectangular array of numbers (found {array.dtype} values)')
+    return array.astype(np.float32, copy=False)
 
 
 def _check_float(dtype: np.dtype[Any]) -> np.dtype[Any]:

@@ -1,0 +1,71 @@
+"""Shared helpers for service tests: an in-process app with a fake engine, and reading /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.engine.base import Engine
+from service.engine.fake import FakeEngine
+from service.settings import Settings
+
+
+def settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"max_batch_size": 8, "max_delay_ms": 20, "provider": "cpu"} | overrides
+    return Settings(**values)
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while (await client.get("/readyz")).status_code != 200:
+        if time.monotonic() > end:
+            raise AssertionError("the app did not get ready")
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    engine: Engine | None = None, ready: bool = True, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    """The app with its lifespan running, and an httpx client talking to it in-process."""
+    app = create_app(settings(**overrides), engine=engine if engine is not None else FakeEngine())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            if ready:
+                await wait_ready(client)
+            yield client, app
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics page, keyed by (name, sorted labels)."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent)."""
+    return metric_samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def from_npy(body: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(body), allow_pickle=False)
