@@ -1,0 +1,72 @@
+"""Running the service as a real process on a free port, for the slow tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    return env | extra
+
+
+@contextlib.contextmanager
+def running(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """Start ``python <args> --port P``, wait for /readyz, yield its base URL; SIGTERM it afterwards."""
+    port = free_port()
+    command = [sys.executable, *args, "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env or clean_env(), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process, log, timeout)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"the server ignored SIGTERM:\n{log.read_text()[-3000:]}") from None
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why it stopped.
+    assert code in (0, -signal.SIGTERM), f"exit {code}:\n{log.read_text()[-3000:]}"
+    assert "Application shutdown complete" in log.read_text()
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the server was not ready within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def send_raw_request(port: int, body: bytes, content_type: str) -> socket.socket:
+    """Send a whole POST /encode over a bare socket and return it unread (to close it early)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = f"POST /encode HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body)
+    return sock
