@@ -5,7 +5,6 @@ The conversion runs in a subprocess because the converter needs PyTorch, which t
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -17,27 +16,13 @@ from converter.bundle import load_bundle
 from converter.errors import BundleError
 from converter.providers import CUDA
 from converter.session import available_providers
+from service.engine.gpu import cuda_device_count
 
 log = logging.getLogger(__name__)
-_CUDA_LIBS = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
 
 
 class DefaultModelError(RuntimeError):
     """The default model could not be converted or its cache cannot be used."""
-
-
-def cuda_device_count() -> int:
-    """GPUs the CUDA driver sees (0 without a driver), asked through ctypes so no torch import is needed."""
-    for name in _CUDA_LIBS:
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        count = ctypes.c_int(0)
-        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return int(count.value)
-    return 0
 
 
 def default_precision(provider: str) -> str:
