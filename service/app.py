@@ -62,6 +62,7 @@ def model_info(engine: Engine, max_batch_size: int) -> dict[str, object]:
 
 async def bring_up(state: ServiceState, engine: Engine | None) -> None:
     """Build (unless given), warm up on the engine thread, start batching; record any failure for /readyz."""
+    batcher: Batcher | None = None
     try:
         if engine is None:
             engine = await asyncio.to_thread(build_engine, state.settings)
@@ -72,6 +73,8 @@ async def bring_up(state: ServiceState, engine: Engine | None) -> None:
     except Exception as exc:
         log.exception("loading the model failed")
         state.load_error = f"{type(exc).__name__}: {exc}"
+        if batcher is not None:
+            await batcher.stop()  # releases the engine thread
         return
     state.metrics.set_model(model_info(engine, config.max_batch_size), engine.buckets)
     state.engine, state.batcher = engine, batcher

@@ -20,22 +20,28 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    host: str = Field("0.0.0.0", description="address to listen on")
-    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    model_dir: Path | None = Field(None, description="bundle directory; unset: the built-in default model")
-    provider: Literal["auto", "tensorrt", "cuda", "cpu"] = Field("auto", description="onnxruntime provider")
-    max_batch_size: int = Field(32, ge=1, le=4096, description="most samples in one engine batch")
-    max_delay_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill after its first request")
-    max_queue: int = Field(1024, ge=1, description="most requests waiting; beyond it, 429 at once")
-    request_timeout_ms: float = Field(30_000, gt=0, description="default deadline (X-Request-Timeout-Ms overrides)")
-    max_body_bytes: int = Field(64 * MIB, ge=1, description="largest request body; beyond it, 413")
-    workers: int = Field(1, ge=1, description="worker processes, each with its own engine")
-    seq_lens: Annotated[tuple[int, ...], NoDecode] = Field(
-        (196,), description="comma-separated sequence lengths to warm up (and capture CUDA graphs for)"
+    host: str = Field(default="0.0.0.0", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    model_dir: Path | None = Field(default=None, description="bundle directory; unset: the built-in default model")
+    provider: Literal["auto", "tensorrt", "cuda", "cpu"] = Field(default="auto", description="onnxruntime provider")
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="most samples in one engine batch")
+    max_delay_ms: float = Field(
+        default=5.0, ge=0, description="longest wait for a batch to fill after its first request"
     )
-    cuda_graphs: bool = Field(True, description="capture CUDA graphs per batch bucket on the CUDA EP")
-    cache_dir: Path | None = Field(None, description="parent of the converted default model (~/.cache/encoder-service)")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+    max_queue: int = Field(default=1024, ge=1, description="most requests waiting; beyond it, 429 at once")
+    request_timeout_ms: float = Field(
+        default=30_000, gt=0, description="default deadline (X-Request-Timeout-Ms overrides)"
+    )
+    max_body_bytes: int = Field(default=64 * MIB, ge=1, description="largest request body; beyond it, 413")
+    workers: int = Field(default=1, ge=1, description="worker processes, each with its own engine")
+    seq_lens: Annotated[tuple[int, ...], NoDecode] = Field(
+        default=(196,), description="comma-separated sequence lengths to warm up (and capture CUDA graphs for)"
+    )
+    cuda_graphs: bool = Field(default=True, description="capture CUDA graphs per batch bucket on the CUDA EP")
+    cache_dir: Path | None = Field(
+        default=None, description="parent of the converted default model (~/.cache/encoder-service)"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="log level")
 
     @field_validator("seq_lens", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ JSON = "application/json"
 NPY = "application/x-npy"
 RAW = "application/octet-stream"
 FORMATS = (JSON, NPY, RAW)
-WIRE_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 _NPY_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
 

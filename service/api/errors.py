@@ -48,7 +48,7 @@ class ErrorSpec:
     retry_after: bool = False
 
 
-ERRORS: dict[type[BaseException], ErrorSpec] = {
+ERRORS: dict[type[Exception], ErrorSpec] = {
     InvalidInput: ErrorSpec(422, "invalid_input", "invalid"),
     UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type", "invalid"),
     PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -19,6 +19,7 @@ from service.engine.base import Engine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+LARGE_BODY_BYTES = 1 << 20
 
 
 async def encode(request: Request, state: ServiceState) -> Response:
@@ -47,13 +48,22 @@ async def _encode(request: Request, state: ServiceState, arrived: float) -> Resp
     fmt_out = codecs.response_format(headers.get("accept"), fmt_in)
     deadline = arrived + timeout_s(headers.get("x-request-timeout-ms"), settings.request_timeout_ms)
     body = await read_body(request, settings.max_body_bytes)
-    decoded = codecs.decode(fmt_in, body, headers)
+    decoded = await off_loop_if_large(len(body), codecs.decode, fmt_in, body, headers)
     batch = as_batch(decoded.array, engine)
     result = await until_disconnected(request.receive, batcher.submit(batch.astype(engine.dtype, copy=False), deadline))
     output = result.output if decoded.array.ndim == 3 else result.output[0]
-    encoded = codecs.encode(fmt_out, output.astype(decoded.wire_dtype, copy=False), engine.name)
+    wire = output.astype(decoded.wire_dtype, copy=False)
+    encoded = await off_loop_if_large(wire.nbytes, codecs.encode, fmt_out, wire, engine.name)
     timing = {"x-queue-time": f"{result.queue_s:.6f}", "x-inference-time": f"{result.compute_s:.6f}"}
     return Response(encoded.content, media_type=encoded.media_type, headers={**encoded.headers, **timing})
+
+
+async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """Big bodies are decoded/encoded on a worker thread, so one 50 MB JSON body does not stall every
+    other request's parsing, /metrics and /healthz for the whole parse."""
+    if size < LARGE_BODY_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def timeout_s(header: str | None, default_ms: float) -> float:

@@ -332,3 +332,14 @@ async def test_unknown_routes_use_the_error_body() -> None:
         response = await client.get("/nope")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "http_error"
+
+
+async def test_large_bodies_are_decoded_and_encoded_off_the_event_loop() -> None:
+    engine = FakeEngine(dim=DIM, max_seq_len=4096, max_batch_size=16)
+    x = sample(13, 9, 4096, DIM)
+    assert x.nbytes > 1 << 20
+    async with serving(engine, max_batch_size=16) as (client, _):
+        for headers, body in ((NPY, npy(x)), (JSON, orjson.dumps({"inputs": x.tolist()}))):
+            response = await client.post("/encode", content=body, headers=headers | {"accept": "application/x-npy"})
+            assert response.status_code == 200, response.text
+            np.testing.assert_allclose(from_npy(response.content), expected(x), rtol=1e-6)
