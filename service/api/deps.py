@@ -25,9 +25,18 @@ class ServiceState:
     draining: bool = False
     load_error: str | None = None
 
-    def not_ready_reason(self) -> str | None:
+    def fatal_error(self) -> str | None:
+        """Why this process can never serve again (only a restart helps), if so."""
         if self.load_error is not None:
             return f"the model failed to load: {self.load_error}"
+        if self.batcher is not None and self.batcher.failure is not None:
+            return f"the batching loop died: {self.batcher.failure}"
+        return None
+
+    def not_ready_reason(self) -> str | None:
+        fatal = self.fatal_error()
+        if fatal is not None:
+            return fatal
         if self.draining:
             return "the service is shutting down"
         if self.engine is None or self.batcher is None:

@@ -38,9 +38,11 @@ async def encode(request: Request, state: State) -> Response:
 
 @router.get("/healthz", response_model=Status)
 async def healthz(state: State) -> Any:
-    """The process is alive (and did not fail to load its model)."""
-    if state.load_error is not None:
-        return JSONResponse(error_body("load_failed", state.load_error), status_code=503)
+    """The process is alive and can serve once ready: a model that failed to load or a dead batching loop
+    turn it 503, so an orchestrator restarts the process instead of keeping it unready forever."""
+    fatal = state.fatal_error()
+    if fatal is not None:
+        return JSONResponse(error_body("unhealthy", fatal), status_code=503)
     return Status(status="ok")
 
 

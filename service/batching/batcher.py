@@ -94,6 +94,7 @@ class Batcher:
         # One thread for every engine call: warm-up (e.g. CUDA-graph capture) and batches run on the same one.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-engine")
         self._stopping = False
+        self.failure: str | None = None  # why the loop died, if it did
 
     @property
     def alive(self) -> bool:
@@ -219,6 +220,7 @@ class Batcher:
         except Exception as exc:
             # A bug here must not leave a green /readyz over a queue nobody serves.
             log.exception("batching loop died; the service is not ready any more")
+            self.failure = f"{type(exc).__name__}: {exc}"
             self._observer.on_alive(False)
             self._fail_queued(BatcherStopped, f"the batching loop died: {exc}")
 

@@ -253,11 +253,20 @@ async def test_readiness_follows_warm_up_and_the_batcher() -> None:
         await eventually(lambda: engine.warmed)
         await eventually(lambda: app.state.service.batcher is not None)
         assert (await client.get("/readyz")).status_code == 200
-        # The batching loop dies: readiness must say so.
-        await app.state.service.batcher.stop()
-        assert (await client.get("/readyz")).status_code == 503
+
+        # A bug kills the batching loop: the request in flight gets a 503, and readiness says so from then on.
+        def broken(*args: object) -> Any:
+            raise RuntimeError("bug in the batcher")
+
+        app.state.service.batcher._queue.ready = broken
+        died = await post_json(client, sample(2))
+        assert died.status_code == 503 and "died" in died.json()["error"]["message"]
+        dead = await client.get("/readyz")
+        assert dead.status_code == 503 and "bug in the batcher" in dead.json()["error"]["message"]
+        unhealthy = await client.get("/healthz")  # only a restart helps now
+        assert unhealthy.status_code == 503 and "died" in unhealthy.json()["error"]["message"]
         text = (await client.get("/metrics")).text
-    assert metric(text, "encoder_requests_total", outcome="unavailable") == 1
+    assert metric(text, "encoder_requests_total", outcome="unavailable") == 2
     assert metric(text, "encoder_batcher_alive") == 0
 
 

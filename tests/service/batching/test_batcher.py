@@ -226,7 +226,7 @@ def test_a_dead_loop_is_reported_and_fails_its_requests(caplog: pytest.LogCaptur
         assert batcher.alive
         with pytest.raises(BatcherStopped, match="died"):
             await batcher.submit(sample(1))
-        assert not batcher.alive
+        assert not batcher.alive and batcher.failure == "RuntimeError: bug in the queue"
         with pytest.raises(BatcherStopped):
             await batcher.submit(sample(2))
 
