@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.__main__ import main, parse_settings
+
+
+def test_flags_map_to_settings_and_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCODER_MAX_BATCH_SIZE", "16")
+    monkeypatch.setenv("ENCODER_PORT", "7000")
+    settings = parse_settings(["--port", "9000", "--model-dir", "/b", "--no-cuda-graphs", "--seq-lens", "64,128"])
+    assert settings.port == 9000  # the flag
+    assert settings.max_batch_size == 16  # the environment, no flag given
+    assert settings.max_delay_ms == 5.0  # the default
+    assert settings.model_dir == Path("/b") and settings.cuda_graphs is False and settings.seq_lens == (64, 128)
+
+
+def test_every_setting_has_a_flag() -> None:
+    argv = "--host 127.0.0.1 --provider cpu --max-delay-ms 1 --max-queue 3 --request-timeout-ms 50"
+    argv += " --max-body-bytes 10 --workers 2 --cache-dir /c --log-level debug --max-batch-size 4"
+    settings = parse_settings(argv.split())
+    assert (settings.host, settings.provider, settings.max_delay_ms, settings.max_queue) == ("127.0.0.1", "cpu", 1, 3)
+    assert (settings.request_timeout_ms, settings.max_body_bytes, settings.workers) == (50, 10, 2)
+    assert (settings.cache_dir, settings.log_level, settings.max_batch_size) == (Path("/c"), "debug", 4)
+
+
+def test_invalid_settings_exit_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--max-batch-size", "0", "--model-dir", "/nowhere"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
