@@ -1,0 +1,287 @@
+"""The service end to end against its peers, one host, one run: samples/s, p50, p99 per (server, concurrency).
+
+Each server starts in turn as a subprocess on a free port with the same worker count, is driven by N client
+processes (closed loop, single-sample S x D fp16 requests) and stopped. Servers: ``service`` (ours, raw
+bytes), ``json`` (ours, JSON bodies: the format's cost), ``echo`` (the I/O ceiling), ``naive`` (FastAPI +
+PyTorch eager, no batching), ``litserve`` (LitServe batching, the same onnxruntime session; skipped where
+LitServe is not installed). Saves JSON and prints a markdown table. On the GPU host, one command:
+
+    python loadtest/bench_service.py --model-dir bundles/fp16 --workers 8 --concurrency 24,96,192
+
+(the fp16 bundle is converted first if the directory does not exist). CPU self-test: ``--device cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from loadtest.peers import litserve_server
+from loadtest.peers.launch import ServerFailed, ServerProcess, free_port
+from loadtest.peers.loadgen import drive, make_spec
+from loadtest.peers.scrape import Samples, batch_sizes, scrape, time_breakdown
+
+log = logging.getLogger("bench_service")
+SERVERS = ("service", "json", "echo", "naive", "litserve")
+# Which process serves each entry, and the body format its clients send.
+PROCESS = {"service": "service", "json": "service", "echo": "echo", "naive": "naive", "litserve": "litserve"}
+FORMAT = {"service": "raw", "json": "json", "echo": "raw", "naive": "raw", "litserve": "litserve"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--servers", default="service,json,echo,naive,litserve")
+    p.add_argument("--concurrency", default="24,96,192", help="in-flight requests, all clients together")
+    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds of load before each point")
+    p.add_argument("--workers", type=int, default=8, help="uvicorn workers (API servers for LitServe), all servers")
+    p.add_argument("--naive-workers", type=int, help="workers for the naive server (default --workers)")
+    p.add_argument("--clients", type=int, default=6, help="client processes")
+    p.add_argument("--model-dir", type=Path, default=Path("bundles/fp16"))
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--seq", type=int, default=196)
+    p.add_argument("--max-batch-size", type=int, default=32, help="the service's and LitServe's batch limit")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="the service's and LitServe's batch wait")
+    p.add_argument("--litserve-workers-per-device", type=int, default=2)
+    p.add_argument("--service-arg", action="append", default=[], help="extra flag for the service (repeatable)")
+    p.add_argument("--profile", action="store_true", help="py-spy the service at the top concurrency, if installed")
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--out", type=Path, help="default loadtest/results/service-<card>-<date>.json")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def card_name(device: str) -> str:
+    if device == "cuda" and shutil.which("nvidia-smi"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+            return subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.splitlines()[0].strip()
+    return f"cpu-{platform.machine()}"
+
+
+def slug(text: str) -> str:
+    short = re.sub(r"^nvidia\s+", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", short.split()[0] if short.split() else short).strip("-") or "unknown"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("onnxruntime-gpu", "onnxruntime", "torch", "fastapi", "uvicorn", "aiohttp", "litserve", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return found
+
+
+def ensure_bundle(model_dir: Path, device: str) -> dict[str, Any]:
+    if not (model_dir / "manifest.json").exists():
+        precision = "fp16" if device == "cuda" else "fp32"
+        command = [sys.executable, "-m", "converter", "--out", str(model_dir), "--precision", precision]
+        command += ["--verify-provider", "cuda" if device == "cuda" else "cpu"]
+        log.info("no bundle at %s: converting (%s)", model_dir, " ".join(command))
+        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parents[1])
+    manifest: dict[str, Any] = json.loads((model_dir / "manifest.json").read_text())
+    return manifest
+
+
+def server_command(kind: str, args: argparse.Namespace, port: int) -> tuple[list[str], str, dict[str, str]]:
+    """(argv, readiness path, extra environment) for one server kind."""
+    py, common = sys.executable, ["--host", "127.0.0.1", "--port", str(port)]
+    if kind == "service":
+        cmd = [py, "-m", "service", *common, "--model-dir", str(args.model_dir), "--workers", str(args.workers)]
+        cmd += ["--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms)]
+        cmd += ["--seq-lens", str(args.seq), "--log-level", "warning"]
+        if args.device == "cpu":
+            cmd += ["--provider", "cpu"]
+        return cmd + args.service_arg, "/readyz", {}
+    if kind == "echo":
+        return [py, "-m", "loadtest.peers.echo_server", *common, "--workers", str(args.workers)], "/readyz", {}
+    if kind == "naive":
+        workers = str(args.naive_workers or args.workers)
+        cmd = [py, "-m", "loadtest.peers.naive_torch", *common, "--workers", workers, "--device", args.device]
+        return [*cmd, "--model-dir", str(args.model_dir)], "/readyz", {}
+    if kind == "litserve":
+        cmd = [py, "-m", "loadtest.peers.litserve_server", *common, "--model-dir", str(args.model_dir)]
+        cmd += ["--device", args.device, "--api-servers", str(args.workers), "--seq-len", str(args.seq)]
+        cmd += ["--workers-per-device", str(args.litserve_workers_per_device)]
+        cmd += ["--max-batch-size", str(args.max_batch_size), "--batch-timeout-ms", str(args.max_delay_ms)]
+        return cmd, litserve_server.READY_PATH, {}
+    raise ValueError(kind)
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    if not shutil.which("py-spy"):
+        log.warning("--profile: py-spy is not installed here; no profile taken")
+        return None
+    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--duration", str(int(seconds))]
+    command += ["--format", "speedscope", "--output", str(out), "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def try_scrape(url: str) -> Samples | None:
+    """/metrics, or None: a broken metrics endpoint is reported by the service's own tests, not fatal here."""
+    try:
+        return scrape(url)
+    except (OSError, ValueError) as exc:
+        log.warning("could not read %s/metrics: %s", url, exc)
+        return None
+
+
+def measure(entry: str, server: ServerProcess, args: argparse.Namespace, dim: int, conc: int) -> dict[str, Any]:
+    spec = make_spec(FORMAT[entry], server.url, args.seq, dim)
+    ours = PROCESS[entry] == "service"
+    before = try_scrape(server.url) if ours else None
+    profiler = None
+    if ours and args.profile and conc == max(args.concurrencies):
+        profile_path = args.out.with_name(f"{args.out.stem}-profile-{entry}-c{conc}.speedscope.json")
+        profiler = start_profile(server.pid or 0, args.duration + args.warmup, profile_path)
+    point = drive(spec, conc, args.clients, args.warmup, args.duration)
+    if profiler is not None:
+        profiler.wait(120)
+        point["profile"] = str(profile_path)
+    after = try_scrape(server.url) if ours else None
+    if before is not None and after is not None:
+        point["server_batches"] = batch_sizes(before, after)
+        point["server_time"] = time_breakdown(before, after)
+    return {"server": entry, "format": FORMAT[entry], **point}
+
+
+def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    results: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    kinds = list(dict.fromkeys(PROCESS[s] for s in args.server_list))
+    for kind in kinds:
+        entries = [s for s in args.server_list if PROCESS[s] == kind]
+        if kind == "litserve" and litserve_server.ls is None:
+            skipped[kind] = "litserve is not installed on this host"
+            log.warning("skipping litserve: %s", skipped[kind])
+            continue
+        port = free_port()
+        command, ready, env = server_command(kind, args, port)
+        log_path = args.out.with_name(f"{args.out.stem}-{kind}.log")
+        server = ServerProcess(command, port, ready, log_path, env)
+        server.start()
+        try:
+            server.wait_ready(args.ready_timeout, consecutive=3 * args.workers)
+            for entry in entries:
+                for conc in args.concurrencies:
+                    log.info("%s at concurrency %d for %.0f s", entry, conc, args.duration)
+                    point = measure(entry, server, args, dim, conc)
+                    results.append(point)
+                    log.info("  %s", summary_line(point))
+        except ServerFailed as exc:
+            skipped[kind] = str(exc).splitlines()[0]
+            log.error("%s failed: %s", kind, exc)
+        finally:
+            server.stop()
+    return results, skipped
+
+
+def summary_line(p: dict[str, Any]) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    rate = f"{p['samples_per_s']:,.0f} samples/s"
+    return f"{rate}, p50 {ms(p['p50_ms'])} ms, p99 {ms(p['p99_ms'])} ms, {p['errors']} errors"
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    by_key = {(r["server"], r["concurrency"]): r for r in results}
+    lines = [
+        "| server | format | concurrency | samples/s | p50 ms | p99 ms | errors | mean batch | vs echo samples/s | "
+        "p50 vs echo | vs naive |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        echo, naive = by_key.get(("echo", r["concurrency"])), by_key.get(("naive", r["concurrency"]))
+        batch = (r.get("server_batches") or {}).get("mean_batch_size")
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return f"{a / b:.2f}×" if a and b else "-"
+
+        lines.append(
+            f"| {r['server']} | {r['format']} | {r['concurrency']} | {r['samples_per_s']:,.0f} | "
+            f"{r['p50_ms'] or 0:.1f} | {r['p99_ms'] or 0:.1f} | {r['errors']} | "
+            f"{'-' if batch is None else f'{batch:.1f}'} | "
+            f"{ratio(r['samples_per_s'], echo and echo['samples_per_s'])} | "
+            f"{ratio(r['p50_ms'], echo and echo['p50_ms'])} | "
+            f"{ratio(r['samples_per_s'], naive and naive['samples_per_s'])} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's bar per concurrency: >= 90 % of echo's samples/s, p50 <= 1.2x echo's, >= 1.5x naive."""
+    by_key = {(r["server"], r["concurrency"]): r for r in results}
+    checks = []
+    for (server, conc), ours in by_key.items():
+        if server != "service":
+            continue
+        check: dict[str, Any] = {"concurrency": conc}
+        if echo := by_key.get(("echo", conc)):
+            check["throughput_vs_echo"] = ours["samples_per_s"] / max(echo["samples_per_s"], 1e-9)
+            check["p50_vs_echo"] = (ours["p50_ms"] or 0) / max(echo["p50_ms"] or 1e-9, 1e-9)
+            check["meets_echo_bar"] = check["throughput_vs_echo"] >= 0.9 and check["p50_vs_echo"] <= 1.2
+        if naive := by_key.get(("naive", conc)):
+            check["throughput_vs_naive"] = ours["samples_per_s"] / max(naive["samples_per_s"], 1e-9)
+            check["meets_naive_bar"] = check["throughput_vs_naive"] >= 1.5
+        checks.append(check)
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = sorted(set(args.server_list) - set(SERVERS))
+    if unknown:
+        sys.stderr.write(f"unknown servers {unknown}; choose from {SERVERS}\n")
+        return 2
+    args.concurrencies = [int(c) for c in args.concurrency.split(",")]
+    card = card_name(args.device)
+    today = dt.date.today().isoformat()
+    args.out = args.out or Path(f"loadtest/results/service-{slug(card)}-{today}.json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    manifest = ensure_bundle(args.model_dir, args.device)
+    started = time.time()
+    results, skipped = run_servers(args, int(manifest["dims"]["dim"]))
+    document = {
+        "card": card,
+        "date": today,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": versions(),
+        "bundle": {"dir": str(args.model_dir), "precision": manifest["precision"], "dims": manifest["dims"]},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model_dir", "server_list")},
+        "request": {"shape": [args.seq, int(manifest["dims"]["dim"])], "dtype": "float16", "samples": 1},
+        "elapsed_s": round(time.time() - started, 1),
+        "results": results,
+        "targets": targets(results),
+        "skipped": skipped,
+    }
+    args.out.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print(f"\n{card}, {today}: {document['command']}\n")
+    print(markdown(results))
+    for name, reason in skipped.items():
+        print(f"\nskipped {name}: {reason}")
+    print(f"\nsaved {args.out}")
+    failed = sum(r["errors"] for r in results)
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

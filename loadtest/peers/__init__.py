@@ -1,0 +1,1 @@
+"""Servers the service is benchmarked against, and the helper that starts any server under test."""

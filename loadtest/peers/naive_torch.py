@@ -1,0 +1,108 @@
+"""What a user writes first: FastAPI + PyTorch eager, one request = one forward pass, no batching.
+
+Loads the same seeded default weights as the bundle (``converter.model.default_model`` with the bundle's
+dims), fp16 on CUDA (fp32 on the CPU, where fp16 is slow and not what anyone would deploy). Speaks the raw
+wire format of the service. Configured through ``NAIVE_*`` variables so every uvicorn worker can read it.
+``python -m loadtest.peers.naive_torch --port 8002 --workers 4 --model-dir bundles/fp16 --device cuda``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from converter.model import EncoderDims, default_model
+
+RAW = "application/octet-stream"
+DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+def model_dims(model_dir: str | None) -> EncoderDims:
+    if not model_dir:
+        return EncoderDims()
+    from converter.bundle import load_bundle
+
+    dims = load_bundle(Path(model_dir)).manifest["dims"]
+    return EncoderDims(int(dims["dim"]), int(dims["heads"]), int(dims["ffn"]))
+
+
+def create_app() -> FastAPI:
+    device = torch.device(os.environ.get("NAIVE_DEVICE", "cuda"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        model = default_model(model_dims(os.environ.get("NAIVE_MODEL_DIR"))).to(device=device, dtype=dtype).eval()
+        with torch.inference_mode():  # one warm-up pass: cuBLAS handles, kernels chosen
+            model(torch.zeros(1, 196, model.norm1.normalized_shape[0], device=device, dtype=dtype))
+        state["model"] = model
+        yield
+
+    app = FastAPI(title="naive-torch", lifespan=lifespan)
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @app.post("/encode")
+    async def encode(request: Request) -> Response:
+        body = await request.body()
+        try:
+            shape = tuple(int(n) for n in request.headers["x-shape"].split(","))
+            wire = DTYPES[request.headers["x-dtype"].strip().lower()]
+        except (KeyError, ValueError):
+            return JSONResponse({"error": "X-Shape and X-Dtype (float16|float32) are required"}, status_code=422)
+        if len(body) != math.prod(shape) * wire.itemsize:
+            return JSONResponse({"error": "body length does not match X-Shape"}, status_code=422)
+        array = np.frombuffer(bytearray(body), dtype=wire).reshape(shape)
+        # Inline in the event loop, as most first versions are: the forward pass blocks this worker.
+        with torch.inference_mode():
+            x = torch.from_numpy(array).to(device=device, dtype=dtype)
+            batch = x if x.dim() == 3 else x.unsqueeze(0)
+            y = state["model"](batch)
+            y = y if x.dim() == 3 else y[0]
+            out = y.to(torch.float16 if wire.itemsize == 2 else torch.float32).cpu().numpy()
+        headers = {"X-Shape": ",".join(map(str, out.shape)), "X-Dtype": wire.name}
+        return Response(out.tobytes(), media_type=RAW, headers=headers)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8002)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--model-dir", help="bundle whose dims to use (default 768/12/3072)")
+    parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    os.environ["NAIVE_DEVICE"] = args.device
+    if args.model_dir:
+        os.environ["NAIVE_MODEL_DIR"] = str(args.model_dir)
+    uvicorn.run(
+        "loadtest.peers.naive_torch:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
