@@ -1,7 +1,8 @@
 """The application factory and its lifespan: the one place that wires concrete parts together.
 
-The server answers /healthz at once; the engine is built and warmed up in the background, and /readyz
-turns 200 only when that finished and the batcher runs.
+With one worker the server answers /healthz at once; the engine is built and warmed up in the background,
+and /readyz turns 200 only when that finished and the batcher runs. With several workers each one accepts
+connections only once its engine is warm (see the lifespan).
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(bring_up(state, engine), name="encoder-load")
+        if settings.workers > 1:
+            # Workers share one listening socket and uvicorn accepts only after the lifespan started, so a worker
+            # that finishes loading first never receives a request it cannot serve yet.
+            await loading
+            if state.load_error is not None:
+                raise RuntimeError(f"worker cannot serve: {state.load_error}")
         try:
             yield
         finally:

@@ -352,3 +352,20 @@ async def test_large_bodies_are_decoded_and_encoded_off_the_event_loop() -> None
             response = await client.post("/encode", content=body, headers=headers | {"accept": "application/x-npy"})
             assert response.status_code == 200, response.text
             np.testing.assert_allclose(from_npy(response.content), expected(x), rtol=1e-6)
+
+
+async def test_with_several_workers_startup_waits_until_the_engine_is_warm() -> None:
+    engine = FakeEngine(dim=DIM, warmup_s=0.3)
+    async with serving(engine, ready=False, workers=2) as (client, _):
+        assert engine.warmed  # the lifespan (hence accepting connections) waited for warm-up
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_with_several_workers_a_failed_load_fails_startup() -> None:
+    class Broken(FakeEngine):
+        def warmup(self) -> None:
+            raise RuntimeError("no memory left")
+
+    with pytest.raises(RuntimeError, match="no memory left"):
+        async with serving(Broken(dim=DIM), ready=False, workers=2):
+            pass
