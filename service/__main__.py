@@ -8,12 +8,13 @@ subprocess, into a cache) and reused afterwards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,14 @@ _FLAG_TYPES: dict[str, Any] = {
     "max_body_bytes": int,
     "workers": int,
     "cache_dir": Path,
+    "drain_s": float,
+    "graceful_timeout_s": float,
+    "fake_delay_ms": float,
 }
 _CHOICES = {
     "provider": ("auto", "tensorrt", "cuda", "cpu"),
     "log_level": ("critical", "error", "warning", "info", "debug"),
+    "engine": ("onnx", "fake"),
 }
 
 
@@ -63,6 +68,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
 
 def resolve_model(settings: Settings) -> Settings:
     """Check ``--model-dir`` now (a clear error beats a server that never gets ready), or convert the default."""
+    if settings.engine == "fake":
+        return settings  # test-only: no model at all
     from converter.bundle import load_bundle
     from service.engine.default_bundle import ensure_default_bundle
 
@@ -75,19 +82,45 @@ def resolve_model(settings: Settings) -> Settings:
 
 def serve(settings: Settings) -> None:
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    common["timeout_graceful_shutdown"] = settings.graceful_timeout_s
     if settings.workers == 1:
-        from service.app import create_app
-
-        uvicorn.run(create_app(settings), **common)
+        serve_one(settings, common)
         return
     # Several processes: each worker rebuilds the settings from the environment and loads its own engine;
     # metrics go through prometheus_client's multiprocess files, set up before any worker imports it.
+    # uvicorn's supervisor sends each worker SIGTERM, which finishes its accepted requests (no drain window).
+    with worker_environment(settings):
+        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
+
+
+def serve_one(settings: Settings, common: dict[str, Any]) -> None:
+    from service.app import create_app
+    from service.server import DrainingServer
+
+    app = create_app(settings)
+    state = app.state.service
+    server = DrainingServer(uvicorn.Config(app, **common), on_drain=state.start_draining, drain_s=settings.drain_s)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's own "startup failed" status
+
+
+@contextlib.contextmanager
+def worker_environment(settings: Settings) -> Iterator[None]:
+    """The workers' environment: settings as ``ENCODER_*`` variables and a fresh metrics directory.
+
+    Both are undone afterwards. A ``PROMETHEUS_MULTIPROC_DIR`` left pointing at the removed directory made any
+    later app in the same process (a test run, an embedding) fail every /metrics scrape with a 500.
+    """
+    saved = dict(os.environ)
     metrics_dir = tempfile.mkdtemp(prefix="encoder-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ.update(settings.to_env())
     try:
-        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
+        yield
     finally:
+        os.environ.clear()
+        os.environ.update(saved)
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 def build_engine(settings: Settings) -> Engine:
     """The production engine for ``settings.model_dir`` (slow: loads and checks the bundle, builds the session)."""
+    if settings.engine == "fake":
+        # Test-only: lets reliability tests count engine calls and inject faults inside a real server process.
+        from service.engine.fake import FakeEngine
+
+        return FakeEngine(max_batch_size=settings.max_batch_size, delay_s=settings.fake_delay_s, record=False)
     if settings.model_dir is None:
         raise ValueError("model_dir is not set: run `python -m service`, which converts the default model")
     from service.engine.onnx import OnnxEngine  # imported here: onnxruntime only where a real engine is built
@@ -103,7 +108,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             if state.batcher is not None:
-                await state.batcher.stop()
+                # uvicorn already waited for in-flight requests; what is still queued gets its answer too.
+                await state.batcher.stop(drain_s=settings.graceful_timeout_s)
             state.metrics.close()
 
     app = FastAPI(title="encoder-service", version="0.1.0", lifespan=lifespan)

@@ -2,7 +2,9 @@
 
 With several worker processes, prometheus_client's multiprocess mode is used: ``__main__`` points
 ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start, each worker writes its own
-files there, and ``/metrics`` on any worker aggregates all of them.
+files there, and ``/metrics`` on any worker aggregates all of them. ``/metrics`` never fails for that
+directory's sake: if it vanished (a /tmp cleaner, another suite's cleanup), the worker recreates it and, until
+the aggregate can be read again, answers with its own values.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
@@ -35,8 +38,12 @@ BATCH_SIZE_BUCKETS = tuple(float(1 << i) for i in range(13))  # 1 .. 4096, power
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 def multiprocess_enabled() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    return multiprocess_dir() is not None
 
 
 def never_raises(method: Callable[P, None]) -> Callable[P, None]:
@@ -61,7 +68,16 @@ class Metrics:
     """The service's metrics on a registry of their own (so several apps can live in one test process)."""
 
     def __init__(self, multiprocess_mode: bool | None = None) -> None:
+        # `*_created` series double the page and no dashboard or alert reads them. The switch is process-wide
+        # in prometheus_client; every Metrics instance wants the same, so flipping it here is harmless.
+        disable_created_metrics()
         self.multiprocess = multiprocess_enabled() if multiprocess_mode is None else multiprocess_mode
+        # Read once: the page must not depend on the environment staying as it was at start.
+        self.multiprocess_dir = multiprocess_dir() if self.multiprocess else None
+        if self.multiprocess_dir is not None:
+            # A worker (re)started after the directory vanished would otherwise fail creating its value files.
+            os.makedirs(self.multiprocess_dir, exist_ok=True)
+        self._aggregate_lost = False
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("encoder_requests", "HTTP /encode requests by outcome", ["outcome"], registry=r)
@@ -123,17 +139,33 @@ class Metrics:
         return MetricsObserver(self, buckets)
 
     def render(self) -> bytes:
-        if not self.multiprocess:
-            return generate_latest(self.registry)
+        if self.multiprocess and not self._aggregate_lost:
+            try:
+                return self._render_all_workers()
+            except Exception as exc:
+                # A failed scrape teaches nothing; this worker's own values (still in its mmapped files, even if
+                # they were unlinked) are a partial but honest answer, and the warning says why.
+                log.warning("cannot aggregate worker metrics (%s): serving this worker's own values", exc)
+        return generate_latest(self.registry)
+
+    def _render_all_workers(self) -> bytes:
+        path = self.multiprocess_dir
+        if path is None or not os.path.isdir(path):
+            # The other workers' files went with the directory: an aggregate would be silently wrong from now
+            # on, so this worker reports its own values for good. Recreated for workers started later.
+            self._aggregate_lost = True
+            if path is not None:
+                os.makedirs(path, exist_ok=True)
+            raise FileNotFoundError(f"the multiprocess metrics directory {path!r} is missing")
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry, path=path)
         return generate_latest(registry)
 
     @never_raises
     def close(self) -> None:
         """A worker going away: its live gauges leave the aggregate."""
-        if self.multiprocess:
-            multiprocess.mark_process_dead(os.getpid())
+        if self.multiprocess_dir is not None and os.path.isdir(self.multiprocess_dir):
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
 
 
 class MetricsObserver:

@@ -41,6 +41,19 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(
         default=None, description="parent of the converted default model (~/.cache/encoder-service)"
     )
+    drain_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="after SIGTERM: seconds of /readyz 503 while still serving, so load balancers stop routing here "
+        "before the listener closes",
+    )
+    graceful_timeout_s: float = Field(
+        default=30.0, gt=0, description="after the listener closed: longest wait for accepted requests to finish"
+    )
+    engine: Literal["onnx", "fake"] = Field(
+        default="onnx", description="test-only: 'fake' serves service.engine.fake.FakeEngine (dim 8, no model)"
+    )
+    fake_delay_ms: float = Field(default=0.0, ge=0, description="test-only: the fake engine's time per batch")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="log level")
 
     @field_validator("seq_lens", mode="before")
@@ -56,6 +69,10 @@ class Settings(BaseSettings):
         if not value or min(value) < 1:
             raise ValueError("seq_lens must be positive integers")
         return value
+
+    @property
+    def fake_delay_s(self) -> float:
+        return self.fake_delay_ms / 1000.0
 
     @property
     def max_delay_s(self) -> float:

@@ -20,6 +20,7 @@ NPY = "application/x-npy"
 RAW = "application/octet-stream"
 FORMATS = (JSON, NPY, RAW)
 WIRE_DTYPES: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+MAX_RANK = 32  # far above any valid input (rank 2 or 3), below numpy's own limit of 64
 _NPY_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
 
@@ -164,6 +165,8 @@ def _from_bytes(
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(f"the body holds {len(data)} data bytes but shape {list(shape)} of {dtype} needs {expected}")
+    if len(shape) > MAX_RANK:  # numpy refuses more than 64 dimensions with a ValueError: a 422, not a 500
+        raise InvalidInput(f"at most {MAX_RANK} dimensions, got {len(shape)}")
     array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
     return array.astype(wire, copy=False) if array.dtype != wire else array
 

@@ -23,7 +23,12 @@ class ServiceState:
     engine: Engine | None = None
     batcher: Batcher | None = None
     draining: bool = False
+    in_flight: int = 0  # /encode requests admitted and not answered yet (bounds memory: see serving.admitted)
     load_error: str | None = None
+
+    def start_draining(self) -> None:
+        """SIGTERM arrived: /readyz turns 503 (requests that still arrive are served)."""
+        self.draining = True
 
     def fatal_error(self) -> str | None:
         """Why this process can never serve again (only a restart helps), if so."""
@@ -34,11 +39,20 @@ class ServiceState:
         return None
 
     def not_ready_reason(self) -> str | None:
+        """Why /readyz says 503. Draining counts here, so load balancers stop routing new work to us."""
         fatal = self.fatal_error()
         if fatal is not None:
             return fatal
         if self.draining:
             return "the service is shutting down"
+        return self.cannot_serve_reason()
+
+    def cannot_serve_reason(self) -> str | None:
+        """Why /encode cannot be answered. Not draining: during the drain window requests that still arrive
+        (the balancer has not noticed yet) are served, not failed."""
+        fatal = self.fatal_error()
+        if fatal is not None:
+            return fatal
         if self.engine is None or self.batcher is None:
             return "the model is loading and warming up"
         if not self.batcher.alive:
@@ -46,7 +60,7 @@ class ServiceState:
         return None
 
     def ready_parts(self) -> tuple[Engine, Batcher]:
-        reason = self.not_ready_reason()
+        reason = self.cannot_serve_reason()
         if reason is not None:
             raise NotReady(reason)
         assert self.engine is not None and self.batcher is not None

@@ -32,6 +32,10 @@ class PayloadTooLarge(Exception):
     """The body is larger than ``max_body_bytes``."""
 
 
+class BodyTimeout(Exception):
+    """The request's deadline passed while its body was still arriving (a slow or stalled client)."""
+
+
 class NotReady(Exception):
     """The engine is still loading or warming up, failed to load, or the service is draining."""
 
@@ -46,12 +50,14 @@ class ErrorSpec:
     type: str
     outcome: str
     retry_after: bool = False
+    close: bool = False  # answer with Connection: close (the rest of the body may never come)
 
 
 ERRORS: dict[type[Exception], ErrorSpec] = {
     InvalidInput: ErrorSpec(422, "invalid_input", "invalid"),
     UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type", "invalid"),
-    PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid"),
+    PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid", close=True),
+    BodyTimeout: ErrorSpec(408, "request_timeout", "timeout", close=True),
     Overloaded: ErrorSpec(429, "overloaded", "overloaded", retry_after=True),
     DeadlineExceeded: ErrorSpec(504, "deadline_exceeded", "timeout"),
     EngineFailed: ErrorSpec(500, "inference_failed", "error"),
@@ -79,7 +85,9 @@ def error_response(exc: BaseException) -> JSONResponse:
     spec = spec_for(exc)
     if spec is INTERNAL:
         log.error("unexpected error", exc_info=exc)
-    headers = {"Retry-After": RETRY_AFTER_S} if spec.retry_after else None
+    headers = {"Retry-After": RETRY_AFTER_S} if spec.retry_after else {}
+    if spec.close:
+        headers["Connection"] = "close"
     message = str(exc) or type(exc).__name__
     return JSONResponse(error_body(spec.type, message), status_code=spec.status, headers=headers)
 

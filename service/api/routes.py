@@ -14,7 +14,38 @@ from service.api.schemas import EncodeJSONRequest, EncodeJSONResponse, ErrorBody
 from service.metrics import CONTENT_TYPE
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (413, 415, 422, 429, 500, 503, 504)}
+_ERROR_CODES = (408, 413, 415, 422, 429, 500, 503, 504)
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in _ERROR_CODES}
+_ENCODE_HEADERS = [
+    {
+        "name": "X-Shape",
+        "in": "header",
+        "required": False,
+        "description": "raw bodies: the shape, e.g. 4,196,768",
+        "schema": {"type": "string", "pattern": "^[0-9]+(,[0-9]+){1,2}$"},
+    },
+    {
+        "name": "X-Dtype",
+        "in": "header",
+        "required": False,
+        "description": "raw bodies: the element type",
+        "schema": {"type": "string", "enum": list(codecs.WIRE_DTYPES)},
+    },
+    {
+        "name": "X-Request-Timeout-Ms",
+        "in": "header",
+        "required": False,
+        "description": "this request's deadline",
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+    },
+    {
+        "name": "Accept",
+        "in": "header",
+        "required": False,
+        "description": "the answer's format",
+        "schema": {"type": "string", "enum": list(codecs.FORMATS)},
+    },
+]
 _ENCODE_BODY = {
     "required": True,
     "content": {
@@ -29,7 +60,7 @@ _ENCODE_BODY = {
     "/encode",
     response_class=Response,
     responses={200: {"model": EncodeJSONResponse}, **_ERRORS},
-    openapi_extra={"requestBody": _ENCODE_BODY},
+    openapi_extra={"requestBody": _ENCODE_BODY, "parameters": _ENCODE_HEADERS},
 )
 async def encode(request: Request, state: State) -> Response:
     """Encode (S, D) or (B, S, D) inputs sent as JSON, .npy or raw bytes (X-Shape, X-Dtype)."""

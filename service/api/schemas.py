@@ -43,7 +43,7 @@ class ModelList(BaseModel):
 class EncodeJSONRequest(BaseModel):
     """JSON form of /encode (documentation only: the body is parsed with orjson + numpy)."""
 
-    inputs: list[Any] = Field(description="(S, D) or (B, S, D) nested arrays of numbers")
+    inputs: list[list[float]] | list[list[list[float]]] = Field(description="(S, D) or (B, S, D) arrays of numbers")
 
 
 class EncodeJSONResponse(BaseModel):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -14,7 +15,16 @@ from starlette.types import Receive
 
 from service.api import codecs
 from service.api.deps import ServiceState
-from service.api.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, error_response, spec_for
+from service.api.errors import (
+    BodyTimeout,
+    ClientDisconnected,
+    InvalidInput,
+    PayloadTooLarge,
+    error_response,
+    spec_for,
+)
+from service.batching.batcher import Batcher
+from service.batching.errors import Overloaded
 from service.engine.base import Engine
 
 log = logging.getLogger(__name__)
@@ -42,20 +52,45 @@ async def encode(request: Request, state: ServiceState) -> Response:
 
 async def _encode(request: Request, state: ServiceState, arrived: float) -> Response:
     engine, batcher = state.ready_parts()
+    with admitted(state, batcher):
+        return await _admitted_encode(request, state, engine, batcher, arrived)
+
+
+async def _admitted_encode(
+    request: Request, state: ServiceState, engine: Engine, batcher: Batcher, arrived: float
+) -> Response:
     settings = state.settings
     headers = request.headers
     fmt_in = codecs.request_format(headers.get("content-type"))
     fmt_out = codecs.response_format(headers.get("accept"), fmt_in)
     deadline = arrived + timeout_s(headers.get("x-request-timeout-ms"), settings.request_timeout_ms)
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body_until(request, settings.max_body_bytes, deadline)
     decoded = await off_loop_if_large(len(body), codecs.decode, fmt_in, body, headers)
-    batch = as_batch(decoded.array, engine)
-    result = await until_disconnected(request.receive, batcher.submit(batch.astype(engine.dtype, copy=False), deadline))
+    batch = await off_loop_if_large(decoded.array.nbytes, model_input, decoded.array, engine)
+    result = await until_disconnected(request.receive, batcher.submit(batch, deadline))
     output = result.output if decoded.array.ndim == 3 else result.output[0]
     wire = output.astype(decoded.wire_dtype, copy=False)
     encoded = await off_loop_if_large(wire.nbytes, codecs.encode, fmt_out, wire, engine.name)
     timing = {"x-queue-time": f"{result.queue_s:.6f}", "x-inference-time": f"{result.compute_s:.6f}"}
     return Response(encoded.content, media_type=encoded.media_type, headers={**encoded.headers, **timing})
+
+
+@contextlib.contextmanager
+def admitted(state: ServiceState, batcher: Batcher) -> Iterator[None]:
+    """Refuse (429) before reading the body once ``max_queue + max_batch_size`` requests are in flight.
+
+    The queue limit alone bounds only decoded requests: every overflowing client would still have its whole
+    body read and parsed before hearing 429. Counting admitted requests bounds the memory held by /encode to
+    about that many bodies, however large the burst.
+    """
+    limit = batcher.config.max_queue + batcher.config.max_batch_size
+    if state.in_flight >= limit:
+        raise Overloaded(f"{state.in_flight} requests are already in flight (limit {limit})")
+    state.in_flight += 1
+    try:
+        yield
+    finally:
+        state.in_flight -= 1
 
 
 async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
@@ -73,9 +108,19 @@ def timeout_s(header: str | None, default_ms: float) -> float:
         value = float(header)
     except ValueError as exc:
         raise InvalidInput(f"X-Request-Timeout-Ms must be a number of milliseconds, got {header!r}") from exc
-    if not value > 0:  # also refuses NaN
-        raise InvalidInput(f"X-Request-Timeout-Ms must be positive, got {header!r}")
+    if not 0 < value < 1e12:  # also refuses NaN and infinity (asyncio timers cannot take them)
+        raise InvalidInput(f"X-Request-Timeout-Ms must be a positive finite number, got {header!r}")
     return value / 1000.0
+
+
+async def read_body_until(request: Request, limit: int, deadline: float) -> bytes:
+    """:func:`read_body`, bounded by the request's deadline: a client that stalls mid-body (slow loris) gets
+    408 and its connection closed, instead of holding a connection and its buffer forever."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await read_body(request, limit)
+    except TimeoutError as exc:
+        raise BodyTimeout("the request body did not arrive before the request's deadline") from exc
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -94,6 +139,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
     return bytes(body)
+
+
+def model_input(array: np.ndarray, engine: Engine) -> np.ndarray:
+    """The engine's (B, S, D) input in its dtype. Non-finite values are refused: NaN/Inf in, NaN out, and
+    JSON cannot even carry the answer; a value too large for an fp16 model becomes Inf in the cast."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as a 422
+        batch = as_batch(array, engine).astype(engine.dtype, copy=False)
+    if not np.isfinite(batch).all():
+        raise InvalidInput(f"inputs must be finite numbers within the model's dtype ({engine.dtype.name})")
+    return batch
 
 
 def as_batch(array: np.ndarray, engine: Engine) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFailed, Overloaded
 from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
 from service.batching.queue import Done, Item, PendingQueue, Ticket
+from service.engine.base import EngineUnrecoverable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class Batcher:
         # One thread for every engine call: warm-up (e.g. CUDA-graph capture) and batches run on the same one.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-engine")
         self._stopping = False
+        self._closing = False  # stop() was called: no new work, whatever is queued may still finish
+        self._computing = False
         self.failure: str | None = None  # why the loop died, if it did
 
     @property
@@ -115,8 +118,16 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="encoder-batcher")
         self._observer.on_alive(True)
 
-    async def stop(self) -> None:
-        """Stop the loop; whatever still waits fails with :class:`BatcherStopped`."""
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Stop the loop; whatever still waits fails with :class:`BatcherStopped`.
+
+        With ``drain_s``, new submits are refused at once but queued and computing work gets up to ``drain_s``
+        to finish first, so a graceful shutdown never throws away work it already accepted.
+        """
+        self._closing = True
+        if drain_s > 0 and self.alive:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._until_idle(), drain_s)
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
@@ -126,13 +137,18 @@ class Batcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._observer.on_alive(False)
 
+    async def _until_idle(self) -> None:
+        # Polling, not an event: it runs once per process lifetime, and a 10 ms tick keeps the loop code simple.
+        while (self._queue or self._computing) and self.alive:
+            await asyncio.sleep(0.01)
+
     async def submit(self, x: np.ndarray, deadline: float | None = None) -> BatchResult:
         """Compute ``x`` (B, S, D), split into chunks of at most ``max_batch_size`` samples.
 
         ``deadline`` is a ``time.monotonic()`` instant: if it passes before a chunk is computed, the request
         ends with :class:`DeadlineExceeded` and its other queued chunks are withdrawn.
         """
-        if not self.alive:
+        if not self.alive or self._closing:
             raise BatcherStopped("the batcher is not running")
         if self._waiting >= self.config.max_queue:
             raise Overloaded(f"{self._waiting} requests are already waiting (max_queue={self.config.max_queue})")
@@ -260,6 +276,7 @@ class Batcher:
         waits = tuple(started - item.enqueued for item in batch)
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(self._executor, run_batch, self._engine, [item.x for item in batch], padded)
+        self._computing = True
         try:
             out, compute_s = await call
         except asyncio.CancelledError:
@@ -270,7 +287,11 @@ class Batcher:
             self._fail(batch, EngineFailed, f"inference failed: {type(exc).__name__}: {exc}")
             stats = BatchStats(samples, padded, batch[0].seq_len, time.monotonic() - started, waits, failed=True)
             self._observer.on_batch(stats)
+            if isinstance(exc, EngineUnrecoverable):
+                raise  # the engine says it is broken for good: the loop dies, readiness and health report it
             return
+        finally:
+            self._computing = False
         self._observer.on_batch(BatchStats(samples, padded, batch[0].seq_len, compute_s, waits))
         offset = 0
         for item, wait in zip(batch, waits, strict=True):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.engine.base import Engine, batch_buckets
+from service.engine.base import Engine, EngineUnrecoverable, batch_buckets
 from service.engine.fake import FakeEngine
 
-__all__ = ["Engine", "FakeEngine", "batch_buckets"]
+__all__ = ["Engine", "EngineUnrecoverable", "FakeEngine", "batch_buckets"]

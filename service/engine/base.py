@@ -7,6 +7,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 
+class EngineUnrecoverable(RuntimeError):
+    """Raised by ``Engine.run`` when the engine can never compute again (e.g. a CUDA context lost to an illegal
+    memory access). An ordinary exception fails only its batch; this one also stops the batching loop, so
+    /readyz and /healthz turn 503 and the orchestrator restarts the process."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """Computes (B, S, D) -> (B, S, D) on host arrays. ``run`` is called from one thread at a time.

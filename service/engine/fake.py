@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.base import batch_buckets
+from service.engine.base import EngineUnrecoverable, batch_buckets
 
 POISON = -12345.0  # a sample whose first value is this makes its whole batch fail (when poison is enabled)
+FATAL = -54321.0  # ... and this one raises EngineUnrecoverable: the batching loop stops for good
 
 
 def fake_output(x: np.ndarray) -> np.ndarray:
@@ -25,7 +26,9 @@ class FakeEngine:
     """Records every batch shape it runs; sleeps ``delay_s`` per call; fails batches that ``fail_if`` picks.
 
     With ``poison=True`` a batch fails when any sample starts with :data:`POISON`, so a test (or an HTTP
-    client) can make exactly its own batch fail.
+    client) can make exactly its own batch fail; a sample starting with :data:`FATAL` makes the engine report
+    itself broken for good (:class:`EngineUnrecoverable`). ``python -m service --engine fake`` serves it in a
+    real process (test-only).
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class FakeEngine:
         poison: bool = True,
         fail_if: Callable[[np.ndarray], bool] | None = None,
         warmup_s: float = 0.0,
+        record: bool = True,
     ) -> None:
         self.name = "fake"
         self.dim = dim
@@ -52,6 +56,7 @@ class FakeEngine:
         self.fail_if = fail_if
         self.warmup_s = warmup_s
         self.warmed = False
+        self.record = record  # off in a served process: the recorded inputs would grow without bound
         self.batches: list[tuple[int, int]] = []  # (batch, seq) of every run, padding included
         self.inputs: list[np.ndarray] = []
         self._lock = threading.Lock()
@@ -59,13 +64,16 @@ class FakeEngine:
     def run(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != 3 or x.shape[2] != self.dim or x.dtype != self.dtype:
             raise ValueError(f"fake engine wants (B, S, {self.dim}) {self.dtype}, got {x.shape} {x.dtype}")
-        with self._lock:
-            self.batches.append((x.shape[0], x.shape[1]))
-            self.inputs.append(x.copy())
+        if self.record:
+            with self._lock:
+                self.batches.append((x.shape[0], x.shape[1]))
+                self.inputs.append(x.copy())
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.poison and bool(np.any(x[:, 0, 0] == POISON)):
             raise RuntimeError("poisoned sample in batch")
+        if self.poison and bool(np.any(x[:, 0, 0] == FATAL)):
+            raise EngineUnrecoverable("fatal sample in batch: the fake engine is broken for good")
         if self.fail_if is not None and self.fail_if(x):
             raise RuntimeError("injected failure")
         return fake_output(x).astype(self.dtype)
