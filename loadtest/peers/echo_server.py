@@ -8,16 +8,12 @@ its own overhead. ``python -m loadtest.peers.echo_server --port 8001 --workers 8
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 
-RAW = "application/octet-stream"
-DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+from loadtest.peers.wire import decode_raw, encode_raw
 
 
 def create_app() -> FastAPI:
@@ -29,19 +25,9 @@ def create_app() -> FastAPI:
 
     @app.post("/encode")
     async def encode(request: Request) -> Response:
-        body = await request.body()
-        try:
-            shape = tuple(int(n) for n in request.headers["x-shape"].split(","))
-            dtype = DTYPES[request.headers["x-dtype"].strip().lower()]
-        except (KeyError, ValueError):
-            return JSONResponse({"error": "X-Shape and X-Dtype (float16|float32) are required"}, status_code=422)
-        if len(body) != math.prod(shape) * dtype.itemsize:
-            return JSONResponse({"error": "body length does not match X-Shape"}, status_code=422)
         # The same decode -> array -> encode steps the service does, minus the model in between.
-        array = np.frombuffer(body, dtype=dtype).reshape(shape)
-        out = np.ascontiguousarray(array).tobytes()
-        headers = {"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": dtype.name}
-        return Response(out, media_type=RAW, headers=headers)
+        array = await decode_raw(request)
+        return array if isinstance(array, Response) else encode_raw(array)
 
     return app
 

@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 
 from converter.model import EncoderDims, default_model
-
-RAW = "application/octet-stream"
-DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+from loadtest.peers.wire import decode_raw, encode_raw
 
 
 def model_dims(model_dir: str | None) -> EncoderDims:
@@ -59,24 +54,16 @@ def create_app() -> FastAPI:
 
     @app.post("/encode")
     async def encode(request: Request) -> Response:
-        body = await request.body()
-        try:
-            shape = tuple(int(n) for n in request.headers["x-shape"].split(","))
-            wire = DTYPES[request.headers["x-dtype"].strip().lower()]
-        except (KeyError, ValueError):
-            return JSONResponse({"error": "X-Shape and X-Dtype (float16|float32) are required"}, status_code=422)
-        if len(body) != math.prod(shape) * wire.itemsize:
-            return JSONResponse({"error": "body length does not match X-Shape"}, status_code=422)
-        array = np.frombuffer(bytearray(body), dtype=wire).reshape(shape)
+        array = await decode_raw(request)
+        if isinstance(array, Response):
+            return array
         # Inline in the event loop, as most first versions are: the forward pass blocks this worker.
         with torch.inference_mode():
-            x = torch.from_numpy(array).to(device=device, dtype=dtype)
+            x = torch.from_numpy(array.copy()).to(device=device, dtype=dtype)
             batch = x if x.dim() == 3 else x.unsqueeze(0)
             y = state["model"](batch)
             y = y if x.dim() == 3 else y[0]
-            out = y.to(torch.float16 if wire.itemsize == 2 else torch.float32).cpu().numpy()
-        headers = {"X-Shape": ",".join(map(str, out.shape)), "X-Dtype": wire.name}
-        return Response(out.tobytes(), media_type=RAW, headers=headers)
+            return encode_raw(y.to(torch.float16 if array.itemsize == 2 else torch.float32).cpu().numpy())
 
     return app
 

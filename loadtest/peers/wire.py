@@ -1,0 +1,30 @@
+"""The raw wire format the peers share with the service: ``X-Shape``/``X-Dtype`` + little-endian bytes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+RAW = "application/octet-stream"
+DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+async def decode_raw(request: Request) -> np.ndarray | JSONResponse:
+    """The request's array (read-only view of the body), or a 422 answer saying what is wrong."""
+    body = await request.body()
+    try:
+        shape = tuple(int(n) for n in request.headers["x-shape"].split(","))
+        dtype = DTYPES[request.headers["x-dtype"].strip().lower()]
+    except (KeyError, ValueError):
+        return JSONResponse({"error": "X-Shape and X-Dtype (float16|float32) are required"}, status_code=422)
+    if len(body) != math.prod(shape) * dtype.itemsize:
+        return JSONResponse({"error": "body length does not match X-Shape"}, status_code=422)
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def encode_raw(array: np.ndarray) -> Response:
+    headers = {"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": array.dtype.name}
+    return Response(np.ascontiguousarray(array).tobytes(), media_type=RAW, headers=headers)
