@@ -9,7 +9,9 @@ must be the built-in default model) the sketches are computed up front with PyTo
 answers are checked against an independent reference.
 
 Requests are named ``encode <format> bs=<client batch size>`` so locust's stats split by both. The load
-steps up through ``LOCUST_STEPS`` users (default 4,8,16), ``LOCUST_STEP_SECONDS`` each (default 20).
+steps up through ``LOCUST_STEPS`` users (default 4,8,16), ``LOCUST_STEP_SECONDS`` each (default 20). Users
+run a closed loop by default; ``LOCUST_USER_RPS`` paces each one at that many requests per second instead, so
+users x rate is an offered load that does not shrink when the server answers slowly or refuses (soak tests).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from typing import Any
 import numpy as np
 import orjson
 from gevent.lock import BoundedSemaphore
-from locust import FastHttpUser, LoadTestShape, constant, events, task
+from locust import FastHttpUser, LoadTestShape, constant, constant_throughput, events, task
 
 log = logging.getLogger("loadtest")
 SKETCH_DIRS = 4
+USER_RPS = os.environ.get("LOCUST_USER_RPS")
 
 
 def env_weights(name: str, default: str) -> list[tuple[int, int]]:
@@ -138,7 +141,7 @@ class EncoderUser(FastHttpUser):
 
     abstract = True
     fmt = ""
-    wait_time = constant(0)
+    wait_time = constant_throughput(float(USER_RPS)) if USER_RPS else constant(0)
     network_timeout = 120.0
     connection_timeout = 30.0
     batch_sizes = env_weights("LOCUST_BATCH_SIZES", "1:8,8:3,32:1")

@@ -31,6 +31,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def running(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
     """Start ``python <args> --port P``, wait for /readyz, yield its base URL; SIGTERM it afterwards."""
+    with running_process(args, log, env, timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_process(
+    args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """:func:`running`, also yielding the process (its pid, or to signal it; an exit before the end is fine)."""
     port = free_port()
     command = [sys.executable, *args, "--port", str(port)]
     with log.open("wb") as out:
@@ -38,7 +47,7 @@ def running(args: list[str], log: Path, env: dict[str, str] | None = None, timeo
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process, log, timeout)
-        yield url
+        yield url, process
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -47,7 +56,7 @@ def running(args: list[str], log: Path, env: dict[str, str] | None = None, timeo
             process.kill()
             process.wait()
             raise AssertionError(f"the server ignored SIGTERM:\n{log.read_text()[-3000:]}") from None
-    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why it stopped.
+    # A single worker exits 0 after a graceful shutdown; other uvicorn setups re-raise SIGTERM on the way out.
     assert code in (0, -signal.SIGTERM), f"exit {code}:\n{log.read_text()[-3000:]}"
     assert "Application shutdown complete" in log.read_text()
 
