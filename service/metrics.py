@@ -46,6 +46,17 @@ def multiprocess_enabled() -> bool:
     return multiprocess_dir() is not None
 
 
+def _identity(path: str | None) -> tuple[int, int] | None:
+    """(device, inode) of a directory, None if it is missing: a recreated directory is not the same one."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def never_raises(method: Callable[P, None]) -> Callable[P, None]:
     """Metrics are never worth a failed request: log and go on."""
 
@@ -77,6 +88,7 @@ class Metrics:
         if self.multiprocess_dir is not None:
             # A worker (re)started after the directory vanished would otherwise fail creating its value files.
             os.makedirs(self.multiprocess_dir, exist_ok=True)
+        self._dir_identity = _identity(self.multiprocess_dir)
         self._aggregate_lost = False
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -150,9 +162,10 @@ class Metrics:
 
     def _render_all_workers(self) -> bytes:
         path = self.multiprocess_dir
-        if path is None or not os.path.isdir(path):
+        if path is None or _identity(path) != self._dir_identity:
             # The other workers' files went with the directory: an aggregate would be silently wrong from now
-            # on, so this worker reports its own values for good. Recreated for workers started later.
+            # on, so this worker reports its own values for good. Recreated for workers started later (another
+            # worker may already have done so: the identity check sees through that).
             self._aggregate_lost = True
             if path is not None:
                 os.makedirs(path, exist_ok=True)
