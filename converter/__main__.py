@@ -20,12 +20,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ffn", type=int, default=3072)
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 for GPUs")
     parser.add_argument("--fusion", choices=("bert", "onnxscript"), default="bert")
+    parser.add_argument(
+        "--graph-opt",
+        action="append",
+        default=None,
+        choices=("none", "ffn-bias-fold", "ffn-bias-concat", "ffn-gemm8", "mha-split", "mha-packed"),
+        help="graph rewrite after fusion (repeatable, in order; default: the measured best; 'none': no rewrite)",
+    )
     parser.add_argument("--max-seq-len", type=int, default=512, help="longest sequence the bundle serves")
     parser.add_argument(
         "--verify-provider", choices=("auto", "tensorrt", "cuda", "cpu"), default="auto", help="where to verify"
     )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
+
+
+def graph_opts(requested: list[str] | None) -> tuple[str, ...] | None:
+    """None (no flag): the converter's default for the route; ``none``: no rewrite."""
+    if requested is None:
+        return None
+    return tuple(name for name in requested if name != "none")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             fusion=args.fusion,
             max_seq_len=args.max_seq_len,
             verify_provider=args.verify_provider,
+            graph_opts=graph_opts(args.graph_opt),
         )
         manifest = convert(config)
     except (ConversionError, BundleError, ProviderError) as exc:

@@ -21,6 +21,8 @@ from converter import bundle as bundle_mod
 from converter.errors import ConversionError
 from converter.export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
 from converter.fuse import check_fused, fuse, op_counts
+from converter.graph_opt import DEFAULT_GRAPH_OPTS, NO_CUDA_GRAPH, apply_graph_opts
+from converter.graph_opt import PASSES as GRAPH_OPTS
 from converter.model import DEFAULT_SEED, EncoderDims, default_model, load_checkpoint
 from converter.rewrite import rewrite_attention
 from converter.session import onnxruntime_version
@@ -45,8 +47,17 @@ class ConvertConfig:
     verify_provider: str = "auto"
     verify_shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES
     seed: int = DEFAULT_SEED
+    # converter.graph_opt passes applied after fusion, in order; None: DEFAULT_GRAPH_OPTS on the bert route.
+    graph_opts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.graph_opts is None:  # frozen dataclass: resolve the default once, here
+            object.__setattr__(self, "graph_opts", DEFAULT_GRAPH_OPTS if self.fusion == "bert" else ())
+        unknown = [name for name in self.graph_opts or () if name not in GRAPH_OPTS]
+        if unknown:
+            raise ConversionError(f"--graph-opt must be among {sorted(GRAPH_OPTS)}, got {unknown}")
+        if self.graph_opts and self.fusion != "bert":
+            raise ConversionError("--graph-opt rewrites the bert route's fused graph; use --fusion bert")
         if self.precision not in ("fp32", "fp16"):
             raise ConversionError(f"--precision must be fp32 or fp16, got {self.precision!r}")
         if self.fusion not in ROUTES:
@@ -92,6 +103,9 @@ def build_manifest(
         "fusion": config.fusion,
         "op_counts": op_counts(proto),
         "fused_ops": fused,
+        "graph_opts": list(config.graph_opts or ()),
+        # False when a graph opt uses a kernel that CUDA-graph capture refuses; sessions then run without graphs.
+        "cuda_graphs": not NO_CUDA_GRAPH.intersection(config.graph_opts or ()),
         "model_file": MODEL_FILE,
         "source": source,
         "tool_versions": tool_versions(),
@@ -116,6 +130,8 @@ def convert(config: ConvertConfig) -> dict[str, Any]:
         log.info("fusing with %s (%s)", config.fusion, config.precision)
         proto = fuse(raw, config.fusion, config.dims.heads, config.dims.dim, config.precision == "fp16")
         raw.unlink()
+        if config.graph_opts:
+            proto = apply_graph_opts(proto, config.graph_opts, config.dims.heads)
         fused = check_fused(op_counts(proto), len(sites))
         onnx.save(proto, str(staging / MODEL_FILE))
         manifest = build_manifest(config, source, proto, fused)

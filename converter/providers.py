@@ -19,6 +19,9 @@ PROVIDER_ALIASES = {"tensorrt": TENSORRT, "cuda": CUDA, "cpu": CPU}
 CHOICES = ("auto", "tensorrt", "cuda", "cpu")
 GPU_PROVIDERS = frozenset({TENSORRT, CUDA})
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# How EncoderSession.run moves host arrays: "pinned" stages through page-locked buffers with async copies on our
+# own streams (and pipelines big batches in chunks); "pageable" is onnxruntime's plain OrtValue copy path.
+HOST_PATHS = ("pinned", "pageable")
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,13 @@ class SessionOptions:
     device_id: int = 0
     intra_op_threads: int = 0
     extra_cuda_options: dict[str, str] = field(default_factory=dict)
+    host_path: str = "pinned"
+    # Batches of at least this many samples (with a captured graph) run as chunks whose copies overlap compute.
+    pipeline_min_batch: int = 128
 
     def __post_init__(self) -> None:
+        if self.host_path not in HOST_PATHS:
+            raise ProviderError(f"host_path must be one of {HOST_PATHS}, got {self.host_path!r}")
         if self.provider not in CHOICES:
             raise ProviderError(f"provider must be one of {CHOICES}, got {self.provider!r}")
         if not self.batch_buckets or any(b <= 0 for b in self.batch_buckets):

@@ -21,7 +21,11 @@ from tests.converter.conftest import SMALL
 def test_small_bundle_manifest(small_bundle: Path) -> None:
     manifest = json.loads((small_bundle / "manifest.json").read_text())
     assert manifest["dims"] == {"dim": 64, "heads": 4, "ffn": 128}
-    assert manifest["fused_ops"]["Attention"] == 1
+    # The default graph opts (converter.graph_opt.DEFAULT_GRAPH_OPTS) turn Attention into MultiHeadAttention.
+    assert manifest["fused_ops"]["MultiHeadAttention"] == 1 and manifest["graph_opts"] == [
+        "mha-split",
+        "ffn-bias-concat",
+    ]
     assert manifest["fused_ops"]["SkipLayerNormalization"] == 2
     assert manifest["inputs"][0] == {"name": "input", "dtype": "float32", "shape": ["batch", "seq", 64]}
     assert manifest["opset"] == 18
@@ -36,7 +40,7 @@ def test_small_bundle_manifest(small_bundle: Path) -> None:
 def test_served_graph_is_fused_and_dynamic(small_bundle: Path) -> None:
     proto = onnx.load(str(small_bundle / "model.onnx"))
     ops = {n.op_type for n in proto.graph.node}
-    assert {"Attention", "SkipLayerNormalization"} <= ops
+    assert {"MultiHeadAttention", "SkipLayerNormalization"} <= ops
     assert "Softmax" not in ops  # attention really fused, not left as primitives
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and dims[1].dim_param and dims[2].dim_value == 64
@@ -85,7 +89,7 @@ def test_onnxscript_route_fuses_multiheadattention(tmp_path: Path) -> None:
 def test_default_model_full_size(tmp_path: Path) -> None:
     manifest = convert(ConvertConfig(out=tmp_path / "default"))
     assert manifest["dims"] == {"dim": 768, "heads": 12, "ffn": 3072}
-    assert manifest["fused_ops"]["Attention"] == 1
+    assert manifest["fused_ops"]["MultiHeadAttention"] == 1
     assert manifest["verification"]["worst_rel_l2"] <= 1e-4
 
 
