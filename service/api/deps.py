@@ -67,7 +67,8 @@ class ServiceState:
         return self.engine, self.batcher
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    # async on purpose: FastAPI runs a plain ``def`` dependency on its thread pool, a thread hop per request.
     state: ServiceState = request.app.state.service
     return state
 

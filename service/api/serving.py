@@ -146,9 +146,17 @@ def model_input(array: np.ndarray, engine: Engine) -> np.ndarray:
     JSON cannot even carry the answer; a value too large for an fp16 model becomes Inf in the cast."""
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as a 422
         batch = as_batch(array, engine).astype(engine.dtype, copy=False)
-    if not np.isfinite(batch).all():
+    if not all_finite(batch):
         raise InvalidInput(f"inputs must be finite numbers within the model's dtype ({engine.dtype.name})")
     return batch
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """``np.isfinite(x).all()``, but for float16 on the bits: numpy's half-precision isfinite is scalar code,
+    7x slower than this mask test (an exponent of all ones is Inf or NaN), and it runs on every request."""
+    if x.dtype == np.float16:
+        return not bool(np.any((x.view(np.uint16) & 0x7C00) == 0x7C00))
+    return bool(np.isfinite(x).all())
 
 
 def as_batch(array: np.ndarray, engine: Engine) -> np.ndarray:
