@@ -180,17 +180,7 @@ def ffn_bias_fold(g: _Graph, num_heads: int, concat: bool = False) -> int:
     """Fold every ``MatMul(x, W) -> Add(b) -> Relu`` (constant W (K, N), b (N,)) into a padded MatMul -> Relu."""
     del num_heads
     count = 0
-    for matmul in [n for n in g.graph.node if n.op_type == "MatMul"]:
-        weight = g.array(matmul.input[1])
-        users = g.consumers(matmul.output[0])
-        if weight is None or weight.ndim != 2 or len(users) != 1 or users[0].op_type != "Add":
-            continue
-        add = users[0]
-        other = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
-        bias = g.array(other)
-        relu = g.consumers(add.output[0])
-        if bias is None or bias.shape != (weight.shape[1],) or [n.op_type for n in relu] != ["Relu"]:
-            continue
+    for matmul, add, _relu, weight, bias in _ffn_sites(g):
         tag = f"{matmul.name or 'MatMul'}_biasfold"
         if concat:
             ones, padded = _concat_ones(g, matmul.input[0], weight.dtype, tag)

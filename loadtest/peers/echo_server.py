@@ -7,13 +7,11 @@ its own overhead. ``python -m loadtest.peers.echo_server --port 8001 --workers 8
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from loadtest.peers.wire import decode_raw, encode_raw
+from loadtest.peers.wire import decode_raw, encode_raw, peer_parser, serve
 
 
 def create_app() -> FastAPI:
@@ -33,21 +31,7 @@ def create_app() -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--log-level", default="warning")
-    args = parser.parse_args(argv)
-    uvicorn.run(
-        "loadtest.peers.echo_server:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-    )
-    return 0
+    return serve("loadtest.peers.echo_server:create_app", peer_parser(__doc__, 8001).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ wire format of the service. Configured through ``NAIVE_*`` variables so every uv
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -17,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from converter.model import EncoderDims, default_model
-from loadtest.peers.wire import decode_raw, encode_raw
+from loadtest.peers.wire import decode_raw, encode_raw, peer_parser, serve
 
 
 def model_dims(model_dir: str | None) -> EncoderDims:
@@ -69,26 +67,14 @@ def create_app() -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8002)
-    parser.add_argument("--workers", type=int, default=1)
+    parser = peer_parser(__doc__, 8002)
     parser.add_argument("--model-dir", help="bundle whose dims to use (default 768/12/3072)")
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
-    parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
-    os.environ["NAIVE_DEVICE"] = args.device
+    os.environ["NAIVE_DEVICE"] = args.device  # the workers' app factory reads these
     if args.model_dir:
         os.environ["NAIVE_MODEL_DIR"] = str(args.model_dir)
-    uvicorn.run(
-        "loadtest.peers.naive_torch:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-    )
-    return 0
+    return serve("loadtest.peers.naive_torch:create_app", args)
 
 
 if __name__ == "__main__":

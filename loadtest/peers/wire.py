@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import numpy as np
+import uvicorn
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
@@ -28,3 +30,19 @@ async def decode_raw(request: Request) -> np.ndarray | JSONResponse:
 def encode_raw(array: np.ndarray) -> Response:
     headers = {"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": array.dtype.name}
     return Response(np.ascontiguousarray(array).tobytes(), media_type=RAW, headers=headers)
+
+
+def peer_parser(doc: str | None, port: int) -> argparse.ArgumentParser:
+    """The flags every peer server shares (it adds its own)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--log-level", default="warning")
+    return parser
+
+
+def serve(factory: str, args: argparse.Namespace) -> int:
+    """uvicorn with the app factory ``factory`` (an import string, so ``--workers`` can fork)."""
+    uvicorn.run(factory, factory=True, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    return 0
