@@ -16,12 +16,15 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
 
 from service.settings import ENV_PREFIX, Settings
+
+if TYPE_CHECKING:
+    from service.engine.base import Engine
 
 log = logging.getLogger("service")
 _FLAG_TYPES: dict[str, Any] = {
@@ -80,9 +83,15 @@ def resolve_model(settings: Settings) -> Settings:
     return settings.model_copy(update={"model_dir": path})
 
 
-def serve(settings: Settings) -> None:
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's keyword arguments for ``settings`` (shared with loadtest/bench_overhead.py)."""
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
     common["timeout_graceful_shutdown"] = settings.graceful_timeout_s
+    return common
+
+
+def serve(settings: Settings) -> None:
+    common = uvicorn_options(settings)
     if settings.workers == 1:
         serve_one(settings, common)
         return
@@ -93,11 +102,12 @@ def serve(settings: Settings) -> None:
         uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
 
 
-def serve_one(settings: Settings, common: dict[str, Any]) -> None:
+def serve_one(settings: Settings, common: dict[str, Any], engine: Engine | None = None) -> None:
+    """One worker in this process; ``engine`` is for benchmarks (e.g. a no-op engine), else the lifespan builds it."""
     from service.app import create_app
     from service.server import DrainingServer
 
-    app = create_app(settings)
+    app = create_app(settings, engine)
     state = app.state.service
     server = DrainingServer(uvicorn.Config(app, **common), on_drain=state.start_draining, drain_s=settings.drain_s)
     server.run()

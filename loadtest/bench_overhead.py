@@ -1,0 +1,115 @@
+"""The service's own overhead: its /encode with a no-op engine against the bare FastAPI echo (the I/O ceiling).
+
+Both run as one uvicorn worker on this machine and are driven by the same closed-loop load (single-sample raw
+196x768 float16 requests). The engine returns its input, so whatever the service spends beyond the echo is
+HTTP handling, validation, batching and metrics, not compute. Compare ratios, not absolutes, across machines.
+
+    python -m loadtest.bench_overhead --concurrency 8 --repeat 2
+    python -m loadtest.bench_overhead --serve-noop 8123   # the service alone, e.g. for py-spy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest.peers import launch
+from loadtest.peers.loadgen import drive, make_spec
+from service.engine.fake import FakeEngine
+
+log = logging.getLogger("bench_overhead")
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQ, DIM = 196, 768
+
+
+class NoopEngine(FakeEngine):
+    """The FakeEngine's shape checks and buckets, but ``run`` returns its input: zero compute."""
+
+    def __init__(self) -> None:
+        super().__init__(dim=DIM, max_seq_len=512, max_batch_size=32, dtype="float16", poison=False, record=False)
+        self.name = "noop"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+def serve_noop(port: int, log_level: str) -> None:
+    """The service as ``python -m service`` serves it (same uvicorn options), with the no-op engine."""
+    from service.__main__ import serve_one, uvicorn_options
+    from service.settings import Settings
+
+    settings = Settings(port=port, host="127.0.0.1", max_delay_ms=0, engine="fake", log_level=log_level)  # type: ignore[arg-type]
+    serve_one(settings, uvicorn_options(settings), NoopEngine())
+
+
+def measure(name: str, command: list[str], port: int, concurrency: int, duration_s: float) -> dict[str, Any]:
+    with launch.running(command, port, log_path=Path(f"/tmp/bench-overhead-{name}-{port}.log"), timeout_s=60):
+        spec = make_spec("raw", f"http://127.0.0.1:{port}", SEQ, DIM)
+        result = drive(spec, concurrency, clients=1, warmup_s=1, duration_s=duration_s)
+    return {"server": name, **result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8])
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each server at each concurrency")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--log-level", default="info", help="the service's log level (its default: info)")
+    parser.add_argument("--serve-noop", type=int, metavar="PORT", help="only serve the no-op service on PORT")
+    parser.add_argument("--tag", default="", help="suffix for the results file")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    if args.serve_noop is not None:
+        serve_noop(args.serve_noop, args.log_level)
+        return 0
+    py = launch.python()
+    rows: list[dict[str, Any]] = []
+    for concurrency in args.concurrency:
+        for run in range(args.repeat):
+            for name in ("echo", "service"):
+                port = launch.free_port()
+                if name == "echo":
+                    command = [py, "-m", "loadtest.peers.echo_server", "--port", str(port), "--workers", "1"]
+                else:
+                    command = [py, "-m", "loadtest.bench_overhead", "--serve-noop", str(port)]
+                    command += ["--log-level", args.log_level]
+                row = measure(name, command, port, concurrency, args.duration)
+                rows.append({**row, "run": run})
+    print(table(rows))
+    if not args.no_save:
+        path = RESULTS / f"overhead-cpu-2026-11-26{('-' + args.tag) if args.tag else ''}.json"
+        meta: dict[str, Any] = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
+        meta["time"] = time.time()
+        path.write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
+        print(f"saved {path}")
+    return 0
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """samples/s, p50, p99 per run; the service's ratio is against the echo of the same run and concurrency."""
+    echo = {(r["concurrency"], r["run"]): r for r in rows if r["server"] == "echo"}
+    head = ("server", "conc", "run", "samples/s", "p50 ms", "p99 ms", "x echo", "p50 x")
+    lines = ["{:8} {:>4} {:>3} {:>10} {:>8} {:>8} {:>7} {:>6}".format(*head)]
+    for r in rows:
+        ref = echo.get((r["concurrency"], r["run"]))
+        ratio = r["samples_per_s"] / ref["samples_per_s"] if ref and ref["samples_per_s"] else float("nan")
+        p50x = r["p50_ms"] / ref["p50_ms"] if ref and ref["p50_ms"] and r["p50_ms"] else float("nan")
+        lines.append(
+            f"{r['server']:8} {r['concurrency']:>4} {r['run']:>3} {r['samples_per_s']:>10.0f} {r['p50_ms'] or 0:>8.2f}"
+            f" {r['p99_ms'] or 0:>8.2f} {ratio:>7.2f} {p50x:>6.2f}" + (f"  errors {r['errors']}" if r["errors"] else "")
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
