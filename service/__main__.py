@@ -87,6 +87,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's keyword arguments for ``settings`` (shared with loadtest/bench_overhead.py)."""
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
     common["timeout_graceful_shutdown"] = settings.graceful_timeout_s
+    common["access_log"] = settings.access_log
     return common
 
 

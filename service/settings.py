@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     )
     fake_delay_ms: float = Field(default=0.0, ge=0, description="test-only: the fake engine's time per batch")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="log level")
+    access_log: bool = Field(
+        default=False,
+        description="log one line per HTTP request (off by default: at thousands of requests/s the formatting and "
+        "writing cost about six percent of a worker's CPU; /metrics counts requests by outcome)",
+    )
 
     @field_validator("seq_lens", mode="before")
     @classmethod
