@@ -149,7 +149,9 @@ class Batcher:
         ends with :class:`DeadlineExceeded` and its other queued chunks are withdrawn.
         """
         if not self.alive or self._closing:
-            raise BatcherStopped("the batcher is not running")
+            # Say why when the loop died: a request racing the loop's death gets the same answer as one after it.
+            reason = f"the batching loop died: {self.failure}" if self.failure else "the batcher is not running"
+            raise BatcherStopped(reason)
         if self._waiting >= self.config.max_queue:
             raise Overloaded(f"{self._waiting} requests are already waiting (max_queue={self.config.max_queue})")
         items = self._enqueue(x, deadline)
