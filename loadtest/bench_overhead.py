@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--log-level", default="info", help="the service's log level (its default: info)")
     parser.add_argument("--serve-noop", type=int, metavar="PORT", help="only serve the no-op service on PORT")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="server on CPU 0")
     parser.add_argument("--tag", default="", help="suffix for the results file")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
@@ -73,15 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         serve_noop(args.serve_noop, args.log_level)
         return 0
     py = launch.python()
+    pin: list[str] = []
+    if args.pin and os.cpu_count() and shutil.which("taskset"):
+        # Server on CPU 0, load generator on the others: with both free to migrate, the same server's
+        # throughput varied up to 2x between runs on the 2-core box.
+        pin = ["taskset", "-c", "0"]
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
     rows: list[dict[str, Any]] = []
     for concurrency in args.concurrency:
         for run in range(args.repeat):
             for name in ("echo", "service"):
                 port = launch.free_port()
                 if name == "echo":
-                    command = [py, "-m", "loadtest.peers.echo_server", "--port", str(port), "--workers", "1"]
+                    command = [*pin, py, "-m", "loadtest.peers.echo_server", "--port", str(port), "--workers", "1"]
                 else:
-                    command = [py, "-m", "loadtest.bench_overhead", "--serve-noop", str(port)]
+                    command = [*pin, py, "-m", "loadtest.bench_overhead", "--serve-noop", str(port)]
                     command += ["--log-level", args.log_level]
                 row = measure(name, command, port, concurrency, args.duration)
                 rows.append({**row, "run": run})
