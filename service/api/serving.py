@@ -187,21 +187,29 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it (so the batcher drops the request) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
+    """Await ``work``, cancelling it (so the batcher drops the request) if the client disconnects first.
+
+    ``work`` runs in the caller's own task and only the watcher gets a task of its own: wrapping ``work`` in
+    a second task and racing both with ``asyncio.wait`` cost two tasks and a waiter per request.
+    """
+    handler = asyncio.current_task()
+    assert handler is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(receive)
+        gone = True
+        handler.cancel()  # the batcher sees CancelledError in submit and withdraws the request
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
+        # Only our own cancel becomes a 499; the server's (shutdown) or another one stays a cancellation.
+        if gone and handler.uncancel() == 0:
+            log.info("client disconnected before its answer was ready")
+            raise ClientDisconnected("the client disconnected before its answer was ready") from None
         raise
     finally:
         watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    await asyncio.wait({task})  # let the batcher withdraw the request before the answer goes out
-    if not task.cancelled():
-        task.exception()  # it may have finished meanwhile; the client is gone either way
-    log.info("client disconnected before its answer was ready")
-    raise ClientDisconnected("the client disconnected before its answer was ready")
