@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,36 @@ def serve_noop(port: int, log_level: str) -> None:
     serve_one(settings, uvicorn_options(settings), NoopEngine())
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(name: str, command: list[str], port: int, concurrency: int, duration_s: float) -> dict[str, Any]:
-    with launch.running(command, port, log_path=Path(f"/tmp/bench-overhead-{name}-{port}.log"), timeout_s=60):
-        spec = make_spec("raw", f"http://127.0.0.1:{port}", SEQ, DIM)
+    """One closed-loop run, plus the server's CPU time per answered request over the same window: throughput
+    on a shared 2-core box swings by 5-10% between runs, CPU per request much less, so small changes show."""
+    log_path = Path(f"/tmp/bench-overhead-{name}-{port}.log")
+    with launch.running(command, port, log_path=log_path, timeout_s=60) as server:
+        spec = make_spec("raw", server.url, SEQ, DIM)
+        pid = server.pid
+        assert pid is not None
+        cpu: list[float] = []
+        # drive() starts its window 2 s + warm-up after it is called; sample the server's CPU at both ends.
+        start = time.time() + 2.0 + 1.0
+        timer = threading.Thread(target=_sample_cpu, args=(pid, (start, start + duration_s), cpu), daemon=True)
+        timer.start()
         result = drive(spec, concurrency, clients=1, warmup_s=1, duration_s=duration_s)
+        timer.join()
+    if len(cpu) == 2 and result["requests_ok"]:
+        result["server_cpu_us_per_request"] = (cpu[1] - cpu[0]) / result["requests_ok"] * 1e6
     return {"server": name, **result}
+
+
+def _sample_cpu(pid: int, window: tuple[float, float], out: list[float]) -> None:
+    for instant in window:
+        time.sleep(max(0.0, instant - time.time()))
+        out.append(cpu_seconds(pid))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,16 +132,16 @@ def main(argv: list[str] | None = None) -> int:
 def table(rows: list[dict[str, Any]]) -> str:
     """samples/s, p50, p99 per run; the service's ratio is against the echo of the same run and concurrency."""
     echo = {(r["concurrency"], r["run"]): r for r in rows if r["server"] == "echo"}
-    head = ("server", "conc", "run", "samples/s", "p50 ms", "p99 ms", "x echo", "p50 x")
-    lines = ["{:8} {:>4} {:>3} {:>10} {:>8} {:>8} {:>7} {:>6}".format(*head)]
+    head = ("server", "conc", "run", "samples/s", "p50 ms", "p99 ms", "x echo", "p50 x", "cpu us/req")
+    lines = ["{:8} {:>4} {:>3} {:>10} {:>8} {:>8} {:>7} {:>6} {:>10}".format(*head)]
     for r in rows:
         ref = echo.get((r["concurrency"], r["run"]))
         ratio = r["samples_per_s"] / ref["samples_per_s"] if ref and ref["samples_per_s"] else float("nan")
         p50x = r["p50_ms"] / ref["p50_ms"] if ref and ref["p50_ms"] and r["p50_ms"] else float("nan")
-        lines.append(
-            f"{r['server']:8} {r['concurrency']:>4} {r['run']:>3} {r['samples_per_s']:>10.0f} {r['p50_ms'] or 0:>8.2f}"
-            f" {r['p99_ms'] or 0:>8.2f} {ratio:>7.2f} {p50x:>6.2f}" + (f"  errors {r['errors']}" if r["errors"] else "")
-        )
+        cells: tuple[Any, ...] = (r["server"], r["concurrency"], r["run"], r["samples_per_s"], r["p50_ms"] or 0)
+        cells += (r["p99_ms"] or 0, ratio, p50x, r.get("server_cpu_us_per_request", 0))
+        line = "{:8} {:>4} {:>3} {:>10.0f} {:>8.2f} {:>8.2f} {:>7.2f} {:>6.2f} {:>10.0f}".format(*cells)
+        lines.append(line + (f"  errors {r['errors']}" if r["errors"] else ""))
     return "\n".join(lines)
 
 
