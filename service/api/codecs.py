@@ -34,7 +34,7 @@ class Decoded:
 
 @dataclass(frozen=True)
 class Encoded:
-    content: bytes
+    content: bytes | memoryview  # a raw answer is the output array's own memory (see encode)
     media_type: str
     headers: dict[str, str]
 
@@ -181,6 +181,9 @@ def encode(fmt: str, output: np.ndarray, model: str) -> Encoded:
         np.save(buffer, np.ascontiguousarray(output), allow_pickle=False)
         return Encoded(buffer.getvalue(), NPY, {})
     wire = output.dtype.newbyteorder("<")
-    raw = np.ascontiguousarray(output, dtype=wire).tobytes()
+    # A byte view, not .tobytes(): the server writes the array's memory to the socket, one 300 kB copy less per
+    # request. Safe because the engine's output is owned by this request (Engine.run's contract) and the view
+    # keeps it alive until written.
+    raw = np.ascontiguousarray(output, dtype=wire).data.cast("B")
     headers = {"X-Shape": ",".join(str(n) for n in output.shape), "X-Dtype": wire.name}
     return Encoded(raw, RAW, headers)
