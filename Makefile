@@ -21,6 +21,7 @@ serve: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy converter service
 	$(BIN)/python -m pytest -q
 
 lint: setup

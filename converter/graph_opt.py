@@ -207,7 +207,7 @@ def _attention_parts(g: _Graph, node: onnx.NodeProto) -> tuple[np.ndarray, np.nd
     if any(name for name in node.input[3:]) or _attr(node, "unidirectional", 0) or _attr(node, "qkv_hidden_sizes"):
         raise ConversionError(f"{node.name}: masks, past state, causal or uneven q/k/v sizes are not rewritten")
     bias = np.zeros(weight.shape[1], weight.dtype) if bias is None else bias
-    return weight, bias, int(_attr(node, "num_heads"))  # type: ignore[arg-type]
+    return weight, bias, int(str(_attr(node, "num_heads")))
 
 
 def _fold_v_bias(g: _Graph, attn_out: str, v_bias: np.ndarray, tag: str) -> bool:

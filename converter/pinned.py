@@ -143,7 +143,7 @@ class PinnedPool:
             self._live[ptr] = nbytes
         raw = (ctypes.c_uint8 * nbytes).from_address(ptr)
         raw._owner = _Block(self, ptr, nbytes)  # type: ignore[attr-defined]  # ties the block to the buffer
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)  # type: ignore[call-overload]
 
     def owns(self, array: np.ndarray) -> bool:
         """True when ``array`` lies inside a live pinned block of this pool (then it can be DMA'd directly)."""

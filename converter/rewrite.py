@@ -131,5 +131,7 @@ def rewrite_attention(model: nn.Module, kind: str = "split") -> tuple[nn.Module,
     for site in sites:
         parent_path, _, name = site.path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, REWRITES[kind](model.get_submodule(site.path)))
+        mha = model.get_submodule(site.path)
+        assert isinstance(mha, nn.MultiheadAttention)  # find_attention only reports these
+        setattr(parent, name, REWRITES[kind](mha))
     return model, sites

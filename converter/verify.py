@@ -32,7 +32,7 @@ class VerifyCase:
 
 def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     actual64, expected64 = actual.astype(np.float64), expected.astype(np.float64)
-    return float(np.linalg.norm(actual64 - expected64) / max(np.linalg.norm(expected64), 1e-30))
+    return float(np.linalg.norm(actual64 - expected64)) / max(float(np.linalg.norm(expected64)), 1e-30)
 
 
 def reference_output(model: nn.Module, x: np.ndarray) -> np.ndarray:
