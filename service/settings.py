@@ -26,7 +26,11 @@ class Settings(BaseSettings):
     provider: Literal["auto", "tensorrt", "cuda", "cpu"] = Field(default="auto", description="onnxruntime provider")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="most samples in one engine batch")
     max_delay_ms: float = Field(
-        default=5.0, ge=0, description="longest wait for a batch to fill after its first request"
+        default=0.0,
+        ge=0,
+        # 0 (as Triton's default): the engine runs as soon as it is free, and batches grow with load because
+        # requests pile up while a batch computes. Measured on the GPU: a 2 ms wait cost 35-45 % throughput.
+        description="longest wait for a batch to fill after its first request (0: go as soon as the engine is free)",
     )
     max_queue: int = Field(default=1024, ge=1, description="most requests waiting; beyond it, 429 at once")
     request_timeout_ms: float = Field(

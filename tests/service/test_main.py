@@ -13,7 +13,7 @@ def test_flags_map_to_settings_and_win_over_the_environment(monkeypatch: pytest.
     settings = parse_settings(["--port", "9000", "--model-dir", "/b", "--no-cuda-graphs", "--seq-lens", "64,128"])
     assert settings.port == 9000  # the flag
     assert settings.max_batch_size == 16  # the environment, no flag given
-    assert settings.max_delay_ms == 5.0  # the default
+    assert settings.max_delay_ms == 0.0  # the default
     assert settings.model_dir == Path("/b") and settings.cuda_graphs is False and settings.seq_lens == (64, 128)
 
 
