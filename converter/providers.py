@@ -57,10 +57,16 @@ class SessionOptions:
         return self.batch_buckets[-1]
 
 
-def candidate_providers(requested: str, available: list[str]) -> list[str]:
-    """Providers to hand to onnxruntime, best first; raises if an explicit choice is not built in."""
+def candidate_providers(requested: str, available: list[str], cuda_devices: int = 1) -> list[str]:
+    """Providers to hand to onnxruntime, best first; raises if an explicit choice is not built in.
+
+    ``auto`` skips the GPU providers when the driver sees no CUDA device: onnxruntime-gpu lists them anyway and
+    would try (and loudly fail) to load them first. An explicit GPU choice is still tried, and refused if it
+    does not start.
+    """
     if requested == "auto":
-        return [p for p in (TENSORRT, CUDA) if p in available] + [CPU]
+        gpus = [p for p in (TENSORRT, CUDA) if p in available] if cuda_devices > 0 else []
+        return [*gpus, CPU]
     name = PROVIDER_ALIASES[requested]
     if name not in available:
         raise ProviderError(f"provider {requested!r} ({name}) is not available in this onnxruntime build")

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from converter.bundle import Bundle
+from converter.devices import cuda_device_count
 from converter.errors import ProviderError
 from converter.pinned import D2H, H2D, CudaRuntime, PinnedPool, data_ptr, load_cudart
 from converter.providers import (
@@ -78,7 +79,10 @@ class EncoderSession:
         self.dtype = np.dtype(bundle.dtype)
         self.dim = bundle.dim
         available = available_providers()
-        candidates = candidate_providers(self.options.provider, available)
+        cuda_devices = cuda_device_count()
+        candidates = candidate_providers(self.options.provider, available, cuda_devices)
+        if self.options.provider == "auto" and cuda_devices == 0:
+            log.warning("no CUDA device visible: provider auto is running on the CPU")
         if any(p in GPU_PROVIDERS for p in candidates) and hasattr(ort, "preload_dlls"):
             # Finds CUDA/cuDNN libraries shipped in pip wheels (torch's nvidia-* packages).
             try:

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from converter.bundle import load_bundle
+from converter.devices import cuda_device_count
 from converter.errors import BundleError
 from converter.providers import CUDA
 from converter.session import available_providers
-from service.engine.gpu import cuda_device_count
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ def convert_default(target: Path, precision: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     command = [sys.executable, "-m", "converter", "--out", str(staging), "--precision", precision]
-    if precision == "fp32":
-        command += ["--verify-provider", "cpu"]  # fp32 is chosen exactly when no GPU will serve it
     log.info("converting the default model (%s), once: %s", precision, " ".join(command))
     try:
         result = subprocess.run(command, check=False)

@@ -12,7 +12,6 @@ from converter.bundle import Bundle, load_bundle
 from converter.providers import SessionOptions
 from converter.session import EncoderSession
 from service.engine.base import batch_buckets
-from service.engine.gpu import resolve_provider
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class OnnxEngine:
         self.buckets = batch_buckets(max_batch_size)
         self.seq_lens = served_seq_lens(seq_lens, bundle.max_seq_len)
         options = SessionOptions(
-            provider=resolve_provider(provider),
+            provider=provider,
             batch_buckets=self.buckets,
             seq_lens=self.seq_lens,
             cuda_graphs=cuda_graphs,

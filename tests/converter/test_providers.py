@@ -27,6 +27,13 @@ def test_auto_order_is_trt_cuda_cpu() -> None:
     assert candidate_providers("auto", [CPU]) == [CPU]
 
 
+def test_auto_without_a_cuda_device_is_cpu_only() -> None:
+    assert candidate_providers("auto", ALL, cuda_devices=0) == [CPU]
+    assert candidate_providers("auto", ALL, cuda_devices=2) == [TENSORRT, CUDA, CPU]
+    # an explicit GPU request is still tried (and refused by the session if it cannot start)
+    assert candidate_providers("cuda", ALL, cuda_devices=0) == [CUDA, CPU]
+
+
 def test_explicit_choice() -> None:
     assert candidate_providers("cuda", ALL) == [CUDA, CPU]
     assert candidate_providers("cpu", ALL) == [CPU]
