@@ -11,15 +11,11 @@ import sys
 
 from fastapi import FastAPI, Request, Response
 
-from loadtest.peers.wire import decode_raw, encode_raw, peer_parser, serve
+from loadtest.peers.wire import decode_raw, encode_raw, peer_app, peer_parser, serve
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="echo")
-
-    @app.get("/readyz")
-    async def readyz() -> dict[str, str]:
-        return {"status": "ready"}
+    app = peer_app("echo")
 
     @app.post("/encode")
     async def encode(request: Request) -> Response:

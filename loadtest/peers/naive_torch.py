@@ -19,7 +19,7 @@ import torch
 from fastapi import FastAPI, Request, Response
 
 from converter.model import EncoderDims, default_model
-from loadtest.peers.wire import decode_raw, encode_raw, peer_parser, serve
+from loadtest.peers.wire import decode_raw, encode_raw, peer_app, peer_parser, serve
 
 
 def model_dims(model_dir: str | None) -> EncoderDims:
@@ -44,11 +44,7 @@ def create_app() -> FastAPI:
         state["model"] = model
         yield
 
-    app = FastAPI(title="naive-torch", lifespan=lifespan)
-
-    @app.get("/readyz")
-    async def readyz() -> dict[str, str]:
-        return {"status": "ready"}
+    app = peer_app("naive-torch", lifespan=lifespan)
 
     @app.post("/encode")
     async def encode(request: Request) -> Response:

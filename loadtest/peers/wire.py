@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 import numpy as np
 import uvicorn
-from fastapi import Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 RAW = "application/octet-stream"
@@ -30,6 +31,17 @@ async def decode_raw(request: Request) -> np.ndarray | JSONResponse:
 def encode_raw(array: np.ndarray) -> Response:
     headers = {"X-Shape": ",".join(map(str, array.shape)), "X-Dtype": array.dtype.name}
     return Response(np.ascontiguousarray(array).tobytes(), media_type=RAW, headers=headers)
+
+
+def peer_app(title: str, **kwargs: Any) -> FastAPI:
+    """A peer's FastAPI app with the ``/readyz`` the benchmark waits on (ready once the lifespan ran)."""
+    app = FastAPI(title=title, **kwargs)
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    return app
 
 
 def peer_parser(doc: str | None, port: int) -> argparse.ArgumentParser:
