@@ -14,9 +14,7 @@ import io
 import math
 import re
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +31,7 @@ import yaml
 
 from tests.docker.conftest import REPO, require_tool
 from tests.docker.expressions import PROMETHEUS_DIR, RULES, alert_signals, all_queries, rule_groups
+from tests.service.server_support import free_port, running, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -89,26 +88,6 @@ def test_promtool_rule_unit_tests() -> None:
 # Processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(
-    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float, what: str, *, ok: int = 200
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{what} exited with {process.returncode}:\n{log.read_text()[-4000:]}", pytrace=False)
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == ok:
-                return
-        time.sleep(0.2)
-    pytest.fail(f"{what} was not ready within {timeout:.0f} s:\n{log.read_text()[-4000:]}", pytrace=False)
-
-
 @contextlib.contextmanager
 def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``command`` with output to ``log``; SIGTERM it afterwards, SIGKILL if it will not stop."""
@@ -134,16 +113,12 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    port = free_port()
     log = tmp_path_factory.mktemp("service") / "service.log"
-    command = [sys.executable, "-m", "service", "--model-dir", str(small_bundle), "--port", str(port)]
+    args = ["-m", "service", "--model-dir", str(small_bundle), "--host", "127.0.0.1", "--provider", "cpu"]
     # CPU: CI has no GPU. A 20 ms batching window lets the bursts below form multi-request batches.
-    command += ["--host", "127.0.0.1", "--provider", "cpu", "--max-batch-size", str(MAX_BATCH)]
-    command += ["--max-delay-ms", "20", "--seq-lens", str(SEQ_LEN), "--log-level", "warning"]
-    with process(command, log) as proc:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/readyz", proc, log, READY_TIMEOUT_S, "the service")
-        yield Service(url, port)
+    args += ["--max-batch-size", str(MAX_BATCH), "--max-delay-ms", "20", "--seq-lens", str(SEQ_LEN)]
+    with running(args, log, timeout=READY_TIMEOUT_S) as url:
+        yield Service(url, int(url.rsplit(":", 1)[1]))
 
 
 def prometheus_config(target: str, rules: Path) -> dict[str, Any]:
@@ -173,7 +148,7 @@ def prometheus(service: Service, tmp_path_factory: pytest.TempPathFactory) -> It
     command += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
     with process(command, work / "prometheus.log") as proc:
         url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/-/ready", proc, work / "prometheus.log", 60.0, "prometheus")
+        wait_http(f"{url}/-/ready", proc, work / "prometheus.log", 60.0)
         yield url
 
 

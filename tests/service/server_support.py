@@ -62,15 +62,20 @@ def running_process(
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    wait_http(f"{url}/readyz", process, log, timeout)
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if the process exits or time runs out."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"{process.args} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         time.sleep(0.1)
-    raise AssertionError(f"the server was not ready within {timeout} s:\n{log.read_text()[-3000:]}")
+    raise AssertionError(f"{url} was not ready within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def send_raw_request(port: int, body: bytes, content_type: str) -> socket.socket:
