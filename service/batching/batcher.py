@@ -32,6 +32,8 @@ class BatchEngine(Protocol):
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
 
+    def input_buffer(self, batch: int, seq: int) -> np.ndarray: ...
+
     def warmup(self) -> None: ...
 
 
@@ -74,7 +76,8 @@ def run_batch(engine: BatchEngine, inputs: list[np.ndarray], padded: int) -> tup
         x = inputs[0]
     else:
         # One array of the padded size, filled in place: concatenating and then padding copied every sample twice.
-        x = np.empty((padded, *inputs[0].shape[1:]), dtype=inputs[0].dtype)
+        # The engine hands it out, so on the GPU it is already pinned memory and needs no staging copy.
+        x = engine.input_buffer(padded, int(inputs[0].shape[1]))
         offset = 0
         for part in inputs:
             np.copyto(x[offset : offset + part.shape[0]], part)

@@ -78,6 +78,9 @@ class FakeEngine:
             raise RuntimeError("injected failure")
         return fake_output(x).astype(self.dtype)
 
+    def input_buffer(self, batch: int, seq: int) -> np.ndarray:
+        return np.empty((batch, seq, self.dim), self.dtype)
+
     def warmup(self) -> None:
         if self.warmup_s:
             time.sleep(self.warmup_s)

@@ -58,6 +58,9 @@ class OnnxEngine:
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(x)
 
+    def input_buffer(self, batch: int, seq: int) -> np.ndarray:
+        return self.session.input_buffer(batch, seq)  # pinned on the CUDA path: no staging copy in run()
+
     def warmup(self) -> None:
         shapes = self.session.warmup()
         log.info("warmed up %s shapes (batch x seq) on %s", len(shapes), self.provider)

@@ -286,3 +286,32 @@ def test_config_and_padding_rules() -> None:
         BatcherConfig(max_batch_size=16, pad_buckets=(1, 2, 4, 8))
     with pytest.raises(ValueError):
         BatcherConfig(max_queue=0)
+
+
+def test_run_batch_fills_the_engines_own_buffer_and_pads_with_zeros() -> None:
+    """Several requests go into the array the engine hands out (pinned memory on the GPU): one copy each."""
+    from service.batching.batcher import run_batch
+
+    class BufferEngine(FakeEngine):
+        def __init__(self) -> None:
+            super().__init__(dim=4, poison=False)
+            self.handed_out: list[np.ndarray] = []
+            self.seen: list[np.ndarray] = []
+
+        def input_buffer(self, batch: int, seq: int) -> np.ndarray:
+            buffer = np.full((batch, seq, self.dim), np.nan, self.dtype)  # garbage, as np.empty could be
+            self.handed_out.append(buffer)
+            return buffer
+
+        def run(self, x: np.ndarray) -> np.ndarray:
+            self.seen.append(x)
+            return super().run(x)
+
+    engine = BufferEngine()
+    parts = [np.random.default_rng(i).standard_normal((n, 3, 4)).astype(np.float32) for i, n in enumerate((1, 2))]
+    out, _ = run_batch(engine, parts, padded=4)
+    assert engine.seen[0] is engine.handed_out[0]
+    np.testing.assert_array_equal(engine.seen[0][3], 0)  # padding rows are zeros, not leftovers
+    np.testing.assert_allclose(out, fake_output(np.concatenate(parts)), rtol=1e-6)
+    run_batch(engine, parts[:1], padded=1)  # a lone, unpadded request is passed through as is
+    assert len(engine.handed_out) == 1 and engine.seen[1] is parts[0]
