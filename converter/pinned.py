@@ -44,6 +44,8 @@ class CudaRuntime:
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
         lib.cudaHostAlloc.argtypes = [ctypes.POINTER(vp), sz, ctypes.c_uint]
         lib.cudaFreeHost.argtypes = [vp]
+        lib.cudaHostRegister.argtypes = [vp, sz, ctypes.c_uint]
+        lib.cudaHostUnregister.argtypes = [vp]
         lib.cudaMemcpyAsync.argtypes = [vp, vp, sz, ctypes.c_int, vp]
         lib.cudaStreamCreateWithFlags.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
         lib.cudaStreamSynchronize.argtypes = [vp]
@@ -63,6 +65,13 @@ class CudaRuntime:
 
     def free_host(self, ptr: int) -> None:
         self._lib.cudaFreeHost(ptr)
+
+    def host_register(self, ptr: int, nbytes: int) -> None:
+        """Page-lock existing host memory (e.g. a shared-memory mapping) so copies from/to it are real DMA."""
+        self._check(self._lib.cudaHostRegister(ptr, nbytes, 0), "cudaHostRegister")
+
+    def host_unregister(self, ptr: int) -> None:
+        self._check(self._lib.cudaHostUnregister(ptr), "cudaHostUnregister")
 
     def stream(self) -> int:
         handle = ctypes.c_void_p()

@@ -37,10 +37,13 @@ from loadtest.peers.loadgen import drive, make_spec
 from loadtest.peers.scrape import Samples, batch_sizes, scrape, time_breakdown
 
 log = logging.getLogger("bench_service")
-SERVERS = ("service", "json", "echo", "naive", "litserve")
+SERVERS = ("service", "per-worker", "json", "echo", "naive", "litserve")
 # Which process serves each entry, and the body format its clients send.
-PROCESS = {"service": "service", "json": "service", "echo": "echo", "naive": "naive", "litserve": "litserve"}
-FORMAT = {"service": "raw", "json": "json", "echo": "raw", "naive": "raw", "litserve": "litserve"}
+# ``per-worker`` is ours with an engine in every worker (``--no-shared-engine``) instead of one engine process.
+PROCESS = {"service": "service", "per-worker": "per-worker", "json": "service", "echo": "echo", "naive": "naive"}
+PROCESS["litserve"] = "litserve"
+FORMAT = {"service": "raw", "per-worker": "raw", "json": "json", "echo": "raw", "naive": "raw", "litserve": "litserve"}
+OURS = ("service", "per-worker")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,12 +104,14 @@ def ensure_bundle(model_dir: Path, device: str) -> dict[str, Any]:
 def server_command(kind: str, args: argparse.Namespace, port: int) -> tuple[list[str], str, dict[str, str]]:
     """(argv, readiness path, extra environment) for one server kind."""
     py, common = sys.executable, ["--host", "127.0.0.1", "--port", str(port)]
-    if kind == "service":
+    if kind in OURS:
         cmd = [py, "-m", "service", *common, "--model-dir", str(args.model_dir), "--workers", str(args.workers)]
         cmd += ["--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms)]
         cmd += ["--seq-lens", str(args.seq), "--log-level", "warning"]
         if args.device == "cpu":
             cmd += ["--provider", "cpu"]
+        if kind == "per-worker":
+            cmd += ["--no-shared-engine"]
         return cmd + args.service_arg, "/readyz", {}
     if kind == "echo":
         return [py, "-m", "loadtest.peers.echo_server", *common, "--workers", str(args.workers)], "/readyz", {}
@@ -143,7 +148,7 @@ def try_scrape(url: str) -> Samples | None:
 
 def measure(entry: str, server: ServerProcess, args: argparse.Namespace, dim: int, conc: int) -> dict[str, Any]:
     spec = make_spec(FORMAT[entry], server.url, args.seq, dim)
-    ours = PROCESS[entry] == "service"
+    ours = PROCESS[entry] in OURS
     before = try_scrape(server.url) if ours else None
     profiler = None
     if ours and args.profile and conc == max(args.concurrencies):

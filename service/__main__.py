@@ -96,11 +96,21 @@ def serve(settings: Settings) -> None:
     if settings.workers == 1:
         serve_one(settings, common)
         return
-    # Several processes: each worker rebuilds the settings from the environment and loads its own engine;
-    # metrics go through prometheus_client's multiprocess files, set up before any worker imports it.
-    # uvicorn's supervisor sends each worker SIGTERM, which finishes its accepted requests (no drain window).
+    # Several processes: each worker rebuilds the settings from the environment; metrics go through
+    # prometheus_client's multiprocess files, set up before any worker imports it. uvicorn's supervisor sends
+    # each worker SIGTERM, which finishes its accepted requests (no drain window).
     with worker_environment(settings):
-        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
+        if not settings.shared_engine:
+            uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
+            return
+        from service.engine.process import engine_process
+
+        # One engine process, warm before any worker starts; workers attach to it instead of loading the model.
+        with engine_process() as engine:
+            os.environ[ENV_PREFIX + "ENGINE_SOCKET"] = engine.path
+            uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
+        if engine.died_with is not None:
+            raise SystemExit(1)
 
 
 def serve_one(settings: Settings, common: dict[str, Any], engine: Engine | None = None) -> None:

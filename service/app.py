@@ -21,30 +21,11 @@ from service.api.errors import install_error_handlers
 from service.api.routes import router
 from service.batching.batcher import Batcher, BatcherConfig
 from service.engine.base import Engine
+from service.engine.factory import build_engine
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def build_engine(settings: Settings) -> Engine:
-    """The production engine for ``settings.model_dir`` (slow: loads and checks the bundle, builds the session)."""
-    if settings.engine == "fake":
-        # Test-only: lets reliability tests count engine calls and inject faults inside a real server process.
-        from service.engine.fake import FakeEngine
-
-        return FakeEngine(max_batch_size=settings.max_batch_size, delay_s=settings.fake_delay_s, record=False)
-    if settings.model_dir is None:
-        raise ValueError("model_dir is not set: run `python -m service`, which converts the default model")
-    from service.engine.onnx import OnnxEngine  # imported here: onnxruntime only where a real engine is built
-
-    return OnnxEngine.from_dir(
-        settings.model_dir,
-        provider=settings.provider,
-        max_batch_size=settings.max_batch_size,
-        seq_lens=settings.seq_lens,
-        cuda_graphs=settings.cuda_graphs,
-    )
 
 
 def batcher_config(settings: Settings, engine: Engine) -> BatcherConfig:
@@ -75,7 +56,9 @@ async def bring_up(state: ServiceState, engine: Engine | None) -> None:
         if engine is None:
             engine = await asyncio.to_thread(build_engine, state.settings)
         config = batcher_config(state.settings, engine)
-        batcher = Batcher(engine, config, observer=state.metrics.observer(engine.buckets))
+        # Behind a shared engine process this batcher forms worker batches; the engine process counts real ones.
+        observer = state.metrics.observer(engine.buckets, batches=state.settings.engine_socket is None)
+        batcher = Batcher(engine, config, observer=observer)
         await batcher.warm_up()
         batcher.start()
     except Exception as exc:

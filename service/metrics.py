@@ -148,8 +148,8 @@ class Metrics:
         for bucket in buckets:  # every label value exists from the start, so rate() works at once
             self.inference.labels(batch_size=str(bucket))
 
-    def observer(self, buckets: tuple[int, ...]) -> MetricsObserver:
-        return MetricsObserver(self, buckets)
+    def observer(self, buckets: tuple[int, ...], batches: bool = True) -> MetricsObserver:
+        return MetricsObserver(self, buckets, batches)
 
     def render(self) -> bytes:
         if self.multiprocess and not self._aggregate_lost:
@@ -185,15 +185,19 @@ class Metrics:
 class MetricsObserver:
     """The batcher's :class:`~service.batching.observer.BatcherObserver`, writing into :class:`Metrics`."""
 
-    def __init__(self, metrics: Metrics, buckets: tuple[int, ...]) -> None:
+    def __init__(self, metrics: Metrics, buckets: tuple[int, ...], batches: bool = True) -> None:
+        """``batches=False``: record queue waits only; a shared engine process records the batches it runs."""
         self._m = metrics
         self._buckets = buckets
+        self._batches = batches
         self._inference = {b: metrics.inference.labels(batch_size=str(b)) for b in buckets}  # once, not per batch
 
     def on_batch(self, stats: BatchStats) -> None:
         m = self._m
         for wait in stats.queue_waits_s:
             m.queue_wait.observe(wait)
+        if not self._batches:
+            return
         m.batch_size.observe(stats.samples)
         if stats.failed:
             m.batch_failures.inc()

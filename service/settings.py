@@ -37,7 +37,15 @@ class Settings(BaseSettings):
         default=30_000, gt=0, description="default deadline (X-Request-Timeout-Ms overrides)"
     )
     max_body_bytes: int = Field(default=64 * MIB, ge=1, description="largest request body; beyond it, 413")
-    workers: int = Field(default=1, ge=1, description="worker processes, each with its own engine")
+    workers: int = Field(default=1, ge=1, description="HTTP worker processes")
+    shared_engine: bool = Field(
+        default=True,
+        description="with several workers: one engine process computes for all of them (one model copy and CUDA "
+        "context; batches merged across workers, tensors passed through shared memory); off: an engine per worker",
+    )
+    engine_socket: str | None = Field(
+        default=None, description="internal: set by the supervisor for workers of the shared engine process"
+    )
     seq_lens: Annotated[tuple[int, ...], NoDecode] = Field(
         default=(196,), description="comma-separated sequence lengths to warm up (and capture CUDA graphs for)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,16 @@ class OnnxEngine:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(x)
+
+    def run_into(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> int:
+        """One batch from many arrays (the engine process's merged worker batches), without a host gather."""
+        return self.session.run_into(parts, outs)
+
+    def register_host(self, ptr: int, nbytes: int) -> bool:
+        return self.session.register_host(ptr, nbytes)
+
+    def unregister_host(self, ptr: int) -> None:
+        self.session.unregister_host(ptr)
 
     def input_buffer(self, batch: int, seq: int) -> np.ndarray:
         return self.session.input_buffer(batch, seq)  # pinned on the CUDA path: no staging copy in run()

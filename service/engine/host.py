@@ -1,0 +1,285 @@
+"""The engine process: one engine (one model copy, one CUDA context) computing for every HTTP worker.
+
+``python -m service --workers N`` starts it before the workers (see :mod:`service.engine.process`). Each
+worker's batcher sends it whole batches through shared memory (:mod:`service.engine.ipc`); whenever the engine
+is free, :class:`EngineHost` merges what every worker sent (FIFO, one sequence length, up to the largest batch
+bucket) into one run and writes each answer back over its input. Eight workers with an engine each meant
+eight CUDA contexts time-slicing one GPU on batches of one to three; here they share one queue.
+
+A batch that fails fails the worker batches in it; an :class:`EngineUnrecoverable` answers BROKEN to every
+waiting worker (their batchers stop, so /readyz turns 503) and ends the process with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.batching.batcher import pad_size, run_batch
+from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
+from service.engine import ipc
+from service.engine.base import Engine, EngineUnrecoverable
+
+log = logging.getLogger(__name__)
+Answer = tuple[int, str, float, float]  # status, message, engine seconds, seconds queued here
+
+
+@dataclass
+class _Job:
+    """One worker batch: its rows in that worker's arena, which the answer overwrites."""
+
+    rows: np.ndarray
+    future: asyncio.Future[Answer]
+    arrived: float
+
+
+def run_parts(engine: Engine, parts: Sequence[np.ndarray]) -> tuple[int, float]:
+    """Compute ``parts`` as one batch, each answer written over its input; (batch size run, seconds)."""
+    started = time.perf_counter()
+    run_into = getattr(engine, "run_into", None)
+    if run_into is not None:  # the ONNX engine copies each part straight to and from the device
+        padded = int(run_into(parts, parts))
+    else:
+        samples = sum(int(part.shape[0]) for part in parts)
+        padded = pad_size(samples, engine.buckets if engine.fixed_shapes else None)
+        out, _ = run_batch(engine, list(parts), padded)
+        offset = 0
+        for part in parts:
+            np.copyto(part, out[offset : offset + part.shape[0]])
+            offset += part.shape[0]
+    return padded, time.perf_counter() - started
+
+
+class EngineHost:
+    """Serves ``engine`` to workers on a Unix socket; see the module docstring."""
+
+    def __init__(self, engine: Engine, max_batch_size: int, observer: BatcherObserver | None = None) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self._observer = SafeObserver(observer or NullObserver())
+        self._jobs: deque[_Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self.failure: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        e = self.engine
+        return {
+            "name": e.name,
+            "dim": e.dim,
+            "dtype": e.dtype.name,
+            "max_seq_len": e.max_seq_len,
+            "buckets": [b for b in e.buckets if b <= self.max_batch_size] or [self.max_batch_size],
+            "provider": e.provider,
+            "describe": e.describe(),
+        }
+
+    async def serve(self, path: str) -> None:
+        """Accept workers on ``path`` until cancelled; raises :class:`EngineUnrecoverable` when the engine broke."""
+        self._wakeup = asyncio.Event()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        staging = f"{path}.{os.getpid()}"
+        listener.bind(staging)
+        listener.listen(128)
+        listener.setblocking(False)
+        os.rename(staging, path)  # the path appears only once it accepts: the supervisor waits for it
+        loop = asyncio.get_running_loop()
+        scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")
+        self._observer.on_alive(True)  # encoder_batcher_alive is a min over processes: this one batches too
+        clients: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                accept = asyncio.ensure_future(loop.sock_accept(listener))
+                await asyncio.wait({accept, scheduler}, return_when=asyncio.FIRST_COMPLETED)
+                if scheduler.done():
+                    accept.cancel()
+                    scheduler.result()  # raises what killed it
+                    return
+                conn, _ = accept.result()
+                task = asyncio.create_task(self._client(conn))
+                clients.add(task)
+                task.add_done_callback(clients.discard)
+        finally:
+            for task in (*clients, scheduler):
+                task.cancel()
+            await asyncio.gather(*clients, scheduler, return_exceptions=True)
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _attach(self, conn: socket.socket) -> tuple[ipc.Arena, dict[str, Any]]:
+        """Handshake (blocking, on a thread): send the engine's facts, receive and map the worker's arena."""
+        ipc.send_hello(conn, self.info())
+        hello, fds = ipc.recv_hello(conn, max_fds=1)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ipc.ProtocolError(f"expected one arena descriptor, got {len(fds)}")
+        arena = ipc.Arena(fds[0], int(hello["arena_bytes"]))
+        registered = False
+        register = getattr(self.engine, "register_host", None)
+        if register is not None:
+            try:
+                registered = bool(register(arena.address, arena.size))
+            except Exception as exc:  # still correct, only slower: copies from pageable memory
+                log.warning("cannot page-lock the arena of worker %s: %s", hello.get("pid"), exc)
+        ipc.send_hello(conn, {"registered": registered})
+        return arena, {**hello, "registered": registered}
+
+    async def _client(self, conn: socket.socket) -> None:
+        conn.setblocking(True)
+        try:
+            arena, hello = await asyncio.to_thread(self._attach, conn)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("a worker failed to attach: %s", exc)
+            conn.close()
+            return
+        conn.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=conn)
+        log.info(
+            "worker %s attached (arena %s MiB, page-locked: %s)",
+            hello.get("pid"),
+            arena.size >> 20,
+            hello["registered"],
+        )
+        try:
+            while True:
+                sequence, batch, seq, offset = ipc.REQUEST.unpack(await reader.readexactly(ipc.REQUEST.size))
+                status, message, compute_s, wait_s = await self._compute(arena, batch, seq, offset)
+                text = message.encode()
+                writer.write(ipc.REPLY.pack(sequence, status, len(text), compute_s, wait_s) + text)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.info("worker %s detached", hello.get("pid"))
+        finally:
+            writer.close()
+            unregister = getattr(self.engine, "unregister_host", None)
+            if hello["registered"] and unregister is not None:
+                unregister(arena.address)  # batches run on this loop: none is reading the arena now
+            arena.close()
+
+    async def _compute(self, arena: ipc.Arena, batch: int, seq: int, offset: int) -> Answer:
+        if self.failure is not None:
+            return ipc.BROKEN, self.failure, 0.0, 0.0
+        if batch < 1 or not 1 <= seq <= self.engine.max_seq_len:
+            return ipc.FAILED, f"invalid batch shape ({batch}, {seq})", 0.0, 0.0
+        try:
+            rows = arena.view(offset, (batch, seq, self.engine.dim), self.engine.dtype)
+        except ValueError as exc:
+            return ipc.FAILED, str(exc), 0.0, 0.0
+        assert self._wakeup is not None
+        job = _Job(rows, asyncio.get_running_loop().create_future(), time.monotonic())
+        self._jobs.append(job)
+        self._wakeup.set()
+        return await job.future
+
+    def _take(self) -> list[_Job]:
+        """FIFO jobs of the first job's sequence length, up to ``max_batch_size`` samples (at least one job)."""
+        seq = self._jobs[0].rows.shape[1]
+        taken: list[_Job] = []
+        kept: list[_Job] = []
+        samples = 0
+        for job in self._jobs:
+            size = job.rows.shape[0]
+            if job.rows.shape[1] == seq and (not taken or samples + size <= self.max_batch_size):
+                taken.append(job)
+                samples += size
+            else:
+                kept.append(job)
+        self._jobs = deque(kept)
+        return taken
+
+    async def _schedule(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            while not self._jobs:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = self._take()
+            started = time.monotonic()
+            waits = tuple(started - job.arrived for job in batch)
+            samples, seq = sum(j.rows.shape[0] for j in batch), batch[0].rows.shape[1]
+            try:
+                # On the event loop itself: frames that arrive meanwhile wait in the socket buffers and join the
+                # next batch, and no thread hand-off (two wake-ups) is paid per batch.
+                padded, compute_s = run_parts(self.engine, [job.rows for job in batch])
+            except Exception as exc:
+                message = f"inference failed: {type(exc).__name__}: {exc}"
+                log.warning("batch of %s samples (seq %s) failed: %s", samples, seq, exc, exc_info=True)
+                self._observer.on_batch(BatchStats(samples, samples, seq, time.monotonic() - started, (), True))
+                if isinstance(exc, EngineUnrecoverable):
+                    self.failure = message
+                    self._observer.on_alive(False)
+                    for job in (*batch, *self._jobs):
+                        _answer(job, (ipc.BROKEN, message, 0.0, 0.0))
+                    self._jobs.clear()
+                    raise
+                for job in batch:
+                    _answer(job, (ipc.FAILED, message, 0.0, 0.0))
+                await asyncio.sleep(0)
+                continue
+            # No queue waits here: the workers record their requests' waits, each request once.
+            self._observer.on_batch(BatchStats(samples, padded, seq, compute_s, ()))
+            for job, wait in zip(batch, waits, strict=True):
+                _answer(job, (ipc.OK, "", compute_s, wait))
+            await asyncio.sleep(0)  # let the answers go out and new frames come in before the next batch
+
+
+def _answer(job: _Job, answer: Answer) -> None:
+    if not job.future.done():
+        job.future.set_result(answer)
+
+
+def _exit_with_parent() -> None:
+    """The supervisor owns this process: if it dies (even by SIGKILL), so do we, instead of holding the GPU."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.error("the supervisor is gone: the engine process exits")
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from service.engine.factory import build_engine
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m service.engine.host", description=__doc__)
+    parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    args = parser.parse_args(argv)
+    settings = Settings().model_copy(update={"engine_socket": None})  # the service's ENCODER_* environment
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _exit_with_parent()
+    engine = build_engine(settings)
+    engine.warmup()
+    metrics = Metrics()  # with several workers: the same multiprocess directory, so /metrics shows our batches
+    host = EngineHost(engine, min(settings.max_batch_size, max(engine.buckets)), metrics.observer(engine.buckets))
+    log.info("engine process ready: %s on %s, batches up to %s", engine.name, engine.provider, host.max_batch_size)
+    try:
+        asyncio.run(host.serve(args.socket))
+    except EngineUnrecoverable as exc:
+        log.error("the engine is broken for good, exiting: %s", exc)
+        return 1
+    finally:
+        metrics.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

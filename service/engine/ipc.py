@@ -1,0 +1,118 @@
+"""The wire between HTTP workers and the engine process: a Unix socket for small frames, shared memory for tensors.
+
+Each worker owns one *arena*: an anonymous shared-memory file (``memfd``) it maps, fills with a batch and
+hands to the engine process once, as a file descriptor over the socket. After that a request is a 20-byte
+frame (where the batch lies in the arena and its shape) and the answer a small frame; the engine process
+reads the batch from the arena and writes the answer over it, so tensors never travel through the socket.
+No file names exist, so nothing is left behind when a process dies, and a container's small ``/dev/shm``
+does not limit the arena.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import socket
+import struct
+from typing import Any
+
+import numpy as np
+
+# worker -> engine: sequence number, batch, sequence length, byte offset of the batch in the arena
+REQUEST = struct.Struct("<IIIQ")
+# engine -> worker: sequence number, status, length of the message that follows, engine seconds, queue seconds
+REPLY = struct.Struct("<IBIdd")
+OK, FAILED, BROKEN = 0, 1, 2  # BROKEN: the engine can never compute again (EngineUnrecoverable)
+_LENGTH = struct.Struct("<I")
+MAX_HELLO = 1 << 16
+
+
+class ProtocolError(ConnectionError):
+    pass
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """Blocking read of exactly ``size`` bytes; ConnectionError when the peer went away first."""
+    chunks = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            raise ConnectionError("the peer closed the connection")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def send_hello(sock: socket.socket, payload: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+    """A length-prefixed JSON message, optionally carrying file descriptors (blocking socket)."""
+    body = json.dumps(payload).encode()
+    if len(body) > MAX_HELLO:
+        raise ProtocolError(f"hello message of {len(body)} bytes is too large")
+    frame = _LENGTH.pack(len(body)) + body
+    if fds:
+        sent = socket.send_fds(sock, [frame], list(fds))
+        frame = frame[sent:]
+    sock.sendall(frame)
+
+
+def recv_hello(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
+    """Counterpart of :func:`send_hello` (blocking socket)."""
+    fds: list[int] = []
+    if max_fds:
+        data, fds, _, _ = socket.recv_fds(sock, _LENGTH.size + MAX_HELLO, max_fds)
+        if not data:
+            raise ConnectionError("the peer closed the connection")
+    else:
+        data = recv_exactly(sock, _LENGTH.size)
+    data += recv_exactly(sock, max(0, _LENGTH.size - len(data)))
+    (length,) = _LENGTH.unpack_from(data)
+    if length > MAX_HELLO:
+        raise ProtocolError(f"hello message of {length} bytes is too large")
+    body = data[_LENGTH.size :] + recv_exactly(sock, length + _LENGTH.size - len(data))
+    try:
+        return json.loads(body), fds
+    except ValueError as exc:
+        raise ProtocolError(f"malformed hello message: {exc}") from exc
+
+
+class Arena:
+    """A shared-memory mapping and numpy views into it."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self._map = mmap.mmap(fd, size)
+        self.base = np.frombuffer(self._map, np.uint8)
+
+    @classmethod
+    def create(cls, size: int) -> Arena:
+        size = max(mmap.PAGESIZE, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        fd = os.memfd_create("encoder-arena", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        return cls(fd, size)
+
+    @property
+    def address(self) -> int:
+        return int(self.base.__array_interface__["data"][0])
+
+    def view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if offset < 0 or offset + nbytes > self.size:
+            raise ValueError(f"{nbytes} bytes at offset {offset} do not fit an arena of {self.size} bytes")
+        return self.base[offset : offset + nbytes].view(dtype).reshape(shape)
+
+    def offset_of(self, array: np.ndarray) -> int | None:
+        """Where a C-contiguous ``array`` starts in this arena, or None if it does not lie inside it."""
+        start = int(array.__array_interface__["data"][0]) - self.address
+        if not array.flags.c_contiguous or start < 0 or start + array.nbytes > self.size:
+            return None
+        return start
+
+    def close(self) -> None:
+        """Close the descriptor and unmap; a view still alive keeps the mapping until it is garbage."""
+        os.close(self.fd)
+        self.base = np.empty(0, np.uint8)
+        with contextlib.suppress(BufferError):  # a caller still holds a view: the mapping goes with the last one
+            self._map.close()
