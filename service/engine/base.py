@@ -13,6 +13,11 @@ class EngineUnrecoverable(RuntimeError):
     /readyz and /healthz turn 503 and the orchestrator restarts the process."""
 
 
+class EngineGone(EngineUnrecoverable):
+    """The engine never computed this batch and never will (the shared engine process is gone or broke on
+    another batch): its requests get 503 like those still queued, not the 500 of a batch that failed."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """Computes (B, S, D) -> (B, S, D) on host arrays. ``run`` is called from one thread at a time.

@@ -127,7 +127,11 @@ class EngineHost:
             for fd in fds:
                 os.close(fd)
             raise ipc.ProtocolError(f"expected one arena descriptor, got {len(fds)}")
-        arena = ipc.Arena(fds[0], int(hello["arena_bytes"]))
+        try:
+            arena = ipc.Arena(fds[0], int(hello["arena_bytes"]))
+        except Exception:
+            os.close(fds[0])
+            raise
         registered = False
         register = getattr(self.engine, "register_host", None)
         if register is not None:
@@ -172,7 +176,7 @@ class EngineHost:
 
     async def _compute(self, arena: ipc.Arena, batch: int, seq: int, offset: int) -> Answer:
         if self.failure is not None:
-            return ipc.BROKEN, self.failure, 0.0, 0.0
+            return ipc.GONE, self.failure, 0.0, 0.0
         if batch < 1 or not 1 <= seq <= self.engine.max_seq_len:
             return ipc.FAILED, f"invalid batch shape ({batch}, {seq})", 0.0, 0.0
         try:
@@ -222,8 +226,10 @@ class EngineHost:
                 if isinstance(exc, EngineUnrecoverable):
                     self.failure = message
                     self._observer.on_alive(False)
-                    for job in (*batch, *self._jobs):
+                    for job in batch:
                         _answer(job, (ipc.BROKEN, message, 0.0, 0.0))
+                    for job in self._jobs:
+                        _answer(job, (ipc.GONE, message, 0.0, 0.0))
                     self._jobs.clear()
                     raise
                 for job in batch:
@@ -234,6 +240,7 @@ class EngineHost:
             self._observer.on_batch(BatchStats(samples, padded, seq, compute_s, ()))
             for job, wait in zip(batch, waits, strict=True):
                 _answer(job, (ipc.OK, "", compute_s, wait))
+            del batch  # its views would keep a departed worker's arena mapped until the next batch
             await asyncio.sleep(0)  # let the answers go out and new frames come in before the next batch
 
 

@@ -24,7 +24,8 @@ import numpy as np
 REQUEST = struct.Struct("<IIIQ")
 # engine -> worker: sequence number, status, length of the message that follows, engine seconds, queue seconds
 REPLY = struct.Struct("<IBIdd")
-OK, FAILED, BROKEN = 0, 1, 2  # BROKEN: the engine can never compute again (EngineUnrecoverable)
+# BROKEN: this batch broke the engine for good; GONE: the engine broke on another batch, this one never ran.
+OK, FAILED, BROKEN, GONE = 0, 1, 2, 3
 _LENGTH = struct.Struct("<I")
 MAX_HELLO = 1 << 16
 
@@ -83,8 +84,8 @@ class Arena:
     def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
         self.size = size
-        self._map = mmap.mmap(fd, size)
-        self.base = np.frombuffer(self._map, np.uint8)
+        self.mapping = mmap.mmap(fd, size)
+        self.base = np.frombuffer(self.mapping, np.uint8)
 
     @classmethod
     def create(cls, size: int) -> Arena:
@@ -112,7 +113,10 @@ class Arena:
 
     def close(self) -> None:
         """Close the descriptor and unmap; a view still alive keeps the mapping until it is garbage."""
+        if self.fd < 0:
+            return
         os.close(self.fd)
+        self.fd = -1
         self.base = np.empty(0, np.uint8)
         with contextlib.suppress(BufferError):  # a caller still holds a view: the mapping goes with the last one
-            self._map.close()
+            self.mapping.close()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.engine import ipc
-from service.engine.base import EngineUnrecoverable
+from service.engine.base import EngineGone, EngineUnrecoverable
 
 log = logging.getLogger(__name__)
 MAX_ARENA_BYTES = 256 << 20
@@ -65,9 +65,11 @@ class Regions:
     def array(self, index: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         """A view of region ``index`` that owns the lease (the caller must not release it itself)."""
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        raw = (ctypes.c_uint8 * nbytes).from_address(self.arena.address + index * self.size)
+        if nbytes > self.size:
+            raise ValueError(f"{nbytes} bytes do not fit a region of {self.size}")
+        # from_buffer exports the mapping: it cannot be unmapped while any view of this region lives.
+        raw = (ctypes.c_uint8 * nbytes).from_buffer(self.arena.mapping, index * self.size)
         raw._lease = _Lease(self, index)  # type: ignore[attr-defined]  # freed with the last view
-        raw._arena = self.arena  # type: ignore[attr-defined]  # the mapping outlives every view
         return np.frombuffer(raw, dtype=dtype).reshape(shape)  # type: ignore[call-overload]
 
     def locate(self, array: np.ndarray) -> int | None:
@@ -97,7 +99,8 @@ class RemoteEngine:
             # The worker never pads: the engine process pads the merged batch to its own buckets.
             self.fixed_shapes = False
             row_bytes = self.max_seq_len * self.dim * self.dtype.itemsize
-            arena_bytes = min(REGIONS * max(self.buckets) * row_bytes, max_arena_bytes)
+            # At least one full-length row per region, whatever the cap: smaller pieces cannot exist.
+            arena_bytes = max(min(REGIONS * max(self.buckets) * row_bytes, max_arena_bytes), REGIONS * row_bytes)
             self.arena = ipc.Arena.create(arena_bytes)
             self.regions = Regions(self.arena, REGIONS)
             ipc.send_hello(self._sock, {"pid": os.getpid(), "arena_bytes": self.arena.size}, (self.arena.fd,))
@@ -162,11 +165,13 @@ class RemoteEngine:
             sequence, status, length, _, _ = ipc.REPLY.unpack(ipc.recv_exactly(self._sock, ipc.REPLY.size))
             message = ipc.recv_exactly(self._sock, length).decode(errors="replace") if length else ""
         except OSError as exc:
-            raise EngineUnrecoverable(f"the engine process is gone: {exc}") from exc
+            raise EngineGone(f"the engine process is gone: {exc}") from exc
         if sequence != self._sequence:
             raise EngineUnrecoverable(f"engine process answered request {sequence}, expected {self._sequence}")
         if status == ipc.BROKEN:
             raise EngineUnrecoverable(f"engine process: {message}")
+        if status == ipc.GONE:
+            raise EngineGone(f"engine process: {message}")
         if status != ipc.OK:
             raise RuntimeError(f"engine process: {message}")
 

@@ -14,10 +14,11 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import orjson
+import psutil
 import pytest
 
 from tests.service.conftest import SMALL_DIMS
-from tests.service.server_support import REPO, clean_env, running, send_raw_request
+from tests.service.server_support import REPO, clean_env, running, running_process, send_raw_request
 from tests.service.support import from_npy, metric, npy
 
 pytestmark = pytest.mark.slow
@@ -140,3 +141,52 @@ def test_a_bad_model_dir_fails_fast_with_one_clear_line(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "manifest.json is missing" in result.stderr and "Traceback" not in result.stderr
+
+
+def engine_processes(server_pid: int) -> list[psutil.Process]:
+    children = psutil.Process(server_pid).children(recursive=True)
+    return [child for child in children if "service.engine.host" in " ".join(child.cmdline())]
+
+
+def test_two_workers_share_one_engine_process(small_bundle: Path, reference: Reference, tmp_path: Path) -> None:
+    xs = inputs(40)
+    samples = sum(x.shape[0] for x in xs)
+    log = tmp_path / "shared.log"
+    args = serve_args(small_bundle, "--workers", "2", "--seq-lens", "16", "--max-delay-ms", "20")
+    with running_process(args, log) as (url, process):
+        (engine,) = engine_processes(process.pid)  # one model copy, however many workers
+        outputs = asyncio.run(post_all(url, xs))
+        models = [httpx.get(f"{url}/v1/models", headers={"connection": "close"}).json() for _ in range(4)]
+        pages = [httpx.get(f"{url}/metrics", headers={"connection": "close"}).text for _ in range(4)]
+    for x, out in zip(xs, outputs, strict=True):
+        np.testing.assert_allclose(out, reference(x), rtol=1e-4, atol=1e-4)
+    for listing in models:  # whichever worker answers, it computes through the engine process
+        details = listing["models"][0]["details"]
+        assert details["engine_process"]["socket"].endswith("engine.sock"), details
+        card = listing["models"][0]
+        assert card["provider"] == "CPUExecutionProvider" and card["dim"] == DIM and card["fixed_shapes"] is False
+    for text in pages:
+        # The engine process counts computed samples once (the workers record only their queue waits).
+        assert metric(text, "encoder_samples_processed_total") == samples
+        assert metric(text, "encoder_requests_total", outcome="ok") == len(xs)
+        assert 0 < metric(text, "encoder_batch_size_count") <= len(xs)
+        assert metric(text, "encoder_queue_wait_seconds_count") >= len(xs)
+        assert metric(text, "encoder_batcher_alive") == 1
+    assert not engine.is_running()  # stopped with the service
+    assert "engine process ready" in log.read_text()
+
+
+def test_two_workers_without_a_shared_engine_still_serve(
+    small_bundle: Path, reference: Reference, tmp_path: Path
+) -> None:
+    xs = inputs(20)
+    args = serve_args(small_bundle, "--workers", "2", "--seq-lens", "16", "--no-shared-engine")
+    with running_process(args, tmp_path / "separate.log") as (url, process):
+        assert engine_processes(process.pid) == []
+        outputs = asyncio.run(post_all(url, xs))
+        details = httpx.get(f"{url}/v1/models").json()["models"][0]["details"]
+        text = httpx.get(f"{url}/metrics").text
+    for x, out in zip(xs, outputs, strict=True):
+        np.testing.assert_allclose(out, reference(x), rtol=1e-4, atol=1e-4)
+    assert "engine_process" not in details
+    assert metric(text, "encoder_samples_processed_total") == sum(x.shape[0] for x in xs)
