@@ -35,6 +35,8 @@ def batcher_config(settings: Settings, engine: Engine) -> BatcherConfig:
         max_delay_s=settings.max_delay_s,
         max_queue=settings.max_queue,
         pad_buckets=engine.buckets if engine.fixed_shapes else None,
+        # An engine in another process can take a second batch while the first one's answer travels back.
+        max_in_flight=int(getattr(engine, "concurrency", 1)),
     )
 
 

@@ -45,9 +45,12 @@ class BatcherConfig:
     max_delay_s: float = 0.005
     max_queue: int = 1024
     pad_buckets: tuple[int, ...] | None = None
+    # Batches computing at once. 1 for an in-process engine (one GPU stream); more for an engine that lives
+    # elsewhere, so the next batch is on its way while the previous one's answer travels back.
+    max_in_flight: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_delay_s < 0:
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_delay_s < 0 or self.max_in_flight < 1:
             raise ValueError(f"invalid batcher config {self}")
         if self.pad_buckets is not None and max(self.pad_buckets) < self.max_batch_size:
             raise ValueError(f"pad buckets {self.pad_buckets} cannot hold max_batch_size {self.max_batch_size}")
@@ -103,10 +106,13 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One thread for every engine call: warm-up (e.g. CUDA-graph capture) and batches run on the same one.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-engine")
+        self._executor = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="encoder-engine")
+        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._in_flight: set[asyncio.Task[None]] = set()  # batch tasks when max_in_flight > 1
+        self._broken: BaseException | None = None  # what a batch task died of: the loop dies of it too
         self._stopping = False
         self._closing = False  # stop() was called: no new work, whatever is queued may still finish
-        self._computing = False
+        self._computing = 0  # batches on the engine now
         self.failure: str | None = None  # why the loop died, if it did
 
     @property
@@ -143,6 +149,9 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
         self._fail_queued(BatcherStopped, "the service is shutting down")
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._observer.on_alive(False)
@@ -239,18 +248,49 @@ class Batcher:
     async def _run(self) -> None:
         try:
             while True:
-                seq_len = await self._next_ready_group()
-                batch = self._take(seq_len)
-                if batch:
-                    await self._compute(batch)
+                await self._slots.acquire()
+                try:
+                    seq_len = await self._next_ready_group()
+                    batch = self._take(seq_len)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if not batch:
+                    self._slots.release()
+                elif self.config.max_in_flight == 1:
+                    try:
+                        await self._compute(batch)
+                    finally:
+                        self._slots.release()
+                else:
+                    task = asyncio.get_running_loop().create_task(self._compute_in_flight(batch))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._in_flight.discard)
+        except asyncio.CancelledError:
+            if self._broken is None:
+                raise
+            self._die(self._broken)
+        except Exception as exc:
+            self._die(exc)
+
+    async def _compute_in_flight(self, batch: list[Item]) -> None:
+        try:
+            await self._compute(batch)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
-            # A bug here must not leave a green /readyz over a queue nobody serves.
-            log.exception("batching loop died; the service is not ready any more")
-            self.failure = f"{type(exc).__name__}: {exc}"
-            self._observer.on_alive(False)
-            self._fail_queued(BatcherStopped, f"the batching loop died: {exc}")
+        except Exception as exc:  # the engine is broken for good: the loop dies, as with one batch in flight
+            if self._broken is None and self._task is not None:
+                self._broken = exc
+                self._task.cancel()
+        finally:
+            self._slots.release()
+
+    def _die(self, exc: BaseException) -> None:
+        # A bug here must not leave a green /readyz over a queue nobody serves.
+        log.error("batching loop died; the service is not ready any more", exc_info=exc)
+        self.failure = f"{type(exc).__name__}: {exc}"
+        self._observer.on_alive(False)
+        self._fail_queued(BatcherStopped, f"the batching loop died: {exc}")
 
     async def _next_ready_group(self) -> int:
         while True:
@@ -288,7 +328,7 @@ class Batcher:
         waits = tuple(started - item.enqueued for item in batch)
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(self._executor, run_batch, self._engine, [item.x for item in batch], padded)
-        self._computing = True
+        self._computing += 1
         try:
             out, compute_s = await call
         except asyncio.CancelledError:
@@ -306,7 +346,7 @@ class Batcher:
                 raise  # the engine says it is broken for good: the loop dies, readiness and health report it
             return
         finally:
-            self._computing = False
+            self._computing -= 1
         self._observer.on_batch(BatchStats(samples, padded, batch[0].seq_len, compute_s, waits))
         offset = 0
         for item, wait in zip(batch, waits, strict=True):

@@ -12,9 +12,9 @@ def build_engine(settings: Settings) -> Engine:
     A worker with ``engine_socket`` set attaches to the shared engine process instead of loading the model.
     """
     if settings.engine_socket is not None:
-        from service.engine.remote import RemoteEngine
+        from service.engine.remote import RemotePool
 
-        return RemoteEngine(settings.engine_socket)
+        return RemotePool(settings.engine_socket)
     if settings.engine == "fake":
         # Test-only: lets reliability tests count engine calls and inject faults inside a real server process.
         from service.engine.fake import FakeEngine

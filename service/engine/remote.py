@@ -175,6 +175,11 @@ class RemoteEngine:
         if status != ipc.OK:
             raise RuntimeError(f"engine process: {message}")
 
+    @property
+    def busy(self) -> bool:
+        """A batch of this connection is with the engine process now."""
+        return self._lock.locked()
+
     def warmup(self) -> None:
         """Nothing to do: the engine process warmed up before it accepted workers."""
 
@@ -185,3 +190,53 @@ class RemoteEngine:
     def close(self) -> None:
         self._sock.close()
         self.arena.close()
+
+
+class RemotePool:
+    """Several connections to the engine process, so a worker can have more than one batch in flight.
+
+    With one connection the worker's next batch waits until the previous answer is back (a round trip through
+    two processes); with two, it goes out at once and the engine process merges it into whatever it runs next.
+    Each connection has its own arena; a batch runs on the connection whose arena holds it.
+    """
+
+    def __init__(self, path: str, connections: int = 2, max_arena_bytes: int = MAX_ARENA_BYTES) -> None:
+        self.channels: list[RemoteEngine] = []
+        try:
+            for _ in range(connections):
+                self.channels.append(RemoteEngine(path, max_arena_bytes))
+        except Exception:
+            self.close()
+            raise
+        first = self.channels[0]
+        self.path, self.name, self.dim, self.dtype = path, first.name, first.dim, first.dtype
+        self.max_seq_len, self.buckets, self.provider = first.max_seq_len, first.buckets, first.provider
+        self.fixed_shapes = False
+        self.concurrency = connections  # read by the batcher: batches in flight at once
+
+    def input_buffer(self, batch: int, seq: int) -> np.ndarray:
+        # An idle connection's arena first: the batch runs on the connection that holds it.
+        for channel in sorted(self.channels, key=lambda c: c.busy):
+            buffer = channel.input_buffer(batch, seq)
+            if channel.regions.locate(buffer) is not None:
+                return buffer
+        return np.empty((batch, seq, self.dim), self.dtype)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        for channel in self.channels:
+            if channel.regions.locate(x) is not None:
+                return channel.run(x)
+        idle = next((c for c in self.channels if not c.busy), self.channels[0])
+        return idle.run(x)
+
+    def warmup(self) -> None:
+        """Nothing to do: the engine process warmed up before it accepted workers."""
+
+    def describe(self) -> dict[str, Any]:
+        described = self.channels[0].describe()
+        described["engine_process"]["connections"] = len(self.channels)
+        return described
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
