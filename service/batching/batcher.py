@@ -300,8 +300,11 @@ class Batcher:
                 return seq_len
             self._wakeup.clear()
             timeout = None if due is None else max(0.0, due - now)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that lands in the same
+            # tick as the wake-up, so stop() could hang and a dying batch task could fail to end the loop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     def _take(self, seq_len: int) -> list[Item]:
         now = time.monotonic()

@@ -35,6 +35,7 @@ from service.engine.base import Engine, EngineUnrecoverable
 
 log = logging.getLogger(__name__)
 Answer = tuple[int, str, float, float]  # status, message, engine seconds, seconds queued here
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -143,7 +144,8 @@ class EngineHost:
         return arena, {**hello, "registered": registered}
 
     async def _client(self, conn: socket.socket) -> None:
-        conn.setblocking(True)
+        # A bounded handshake: a peer that connects and stays silent must not hold a thread forever.
+        conn.settimeout(HANDSHAKE_TIMEOUT_S)
         try:
             arena, hello = await asyncio.to_thread(self._attach, conn)
         except (OSError, ValueError, KeyError) as exc:

@@ -201,6 +201,8 @@ class RemotePool:
     """
 
     def __init__(self, path: str, connections: int = 2, max_arena_bytes: int = MAX_ARENA_BYTES) -> None:
+        if connections < 1:
+            raise ValueError(f"a pool needs at least one connection, got {connections}")
         self.channels: list[RemoteEngine] = []
         try:
             for _ in range(connections):
@@ -226,6 +228,14 @@ class RemotePool:
         for channel in self.channels:
             if channel.regions.locate(x) is not None:
                 return channel.run(x)
+        if x.ndim == 3 and x.shape[2] == self.dim and x.dtype == self.dtype:  # else run() says what is wrong
+            # Staged into whichever connection has a free region (an idle one first), not just the first idle
+            # connection: answers hold their regions while they are sent, so one arena can be full.
+            staged = self.input_buffer(x.shape[0], x.shape[1])
+            for channel in self.channels:
+                if channel.regions.locate(staged) is not None:
+                    np.copyto(staged, x)
+                    return channel.run(staged)
         idle = next((c for c in self.channels if not c.busy), self.channels[0])
         return idle.run(x)
 

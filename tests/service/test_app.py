@@ -11,9 +11,11 @@ import numpy as np
 import orjson
 import pytest
 
+from service.app import batcher_config
+from service.batching import BatcherConfig
 from service.engine.fake import POISON, FakeEngine, fake_output
 from tests.service.batching.support import eventually
-from tests.service.support import from_npy, metric, metric_samples, npy, serving
+from tests.service.support import from_npy, metric, metric_samples, npy, serving, settings
 
 pytestmark = pytest.mark.anyio
 DIM = 8
@@ -369,3 +371,27 @@ async def test_with_several_workers_a_failed_load_fails_startup() -> None:
     with pytest.raises(RuntimeError, match="no memory left"):
         async with serving(Broken(dim=DIM), ready=False, workers=2):
             pass
+
+
+async def test_batches_in_flight_follow_the_engines_concurrency() -> None:
+    local = FakeEngine(dim=DIM, max_batch_size=8)
+    assert not hasattr(local, "concurrency")
+    config = batcher_config(settings(max_batch_size=8), local)
+    assert config.max_in_flight == 1  # an in-process engine: one batch at a time, as before
+    assert (config.max_batch_size, config.max_delay_s, config.pad_buckets) == (8, 0.02, None)
+
+    class Pooled(FakeEngine):
+        concurrency = 2  # like a RemotePool of two connections
+
+    pooled = Pooled(dim=DIM, max_batch_size=8)
+    assert batcher_config(settings(max_batch_size=8), pooled).max_in_flight == 2
+    # Everything else is as for the in-process engine.
+    assert batcher_config(settings(max_batch_size=8), pooled) == BatcherConfig(
+        max_batch_size=8, max_delay_s=0.02, max_queue=config.max_queue, max_in_flight=2
+    )
+    async with serving(pooled) as (client, app):  # the app's batcher is built with it
+        assert app.state.service.batcher.config.max_in_flight == 2
+        x = sample(14, 3, 5, DIM)
+        response = await client.post("/encode", content=npy(x), headers=NPY)
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(from_npy(response.content), expected(x), rtol=1e-6)
