@@ -11,18 +11,25 @@ HTTP handling, validation, batching and metrics, not compute. Compare ratios, no
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import datetime as dt
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import shutil
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from loadtest.peers import launch
 from loadtest.peers.loadgen import drive, make_spec
@@ -43,20 +50,52 @@ class NoopEngine(FakeEngine):
     def run(self, x: np.ndarray) -> np.ndarray:
         return x
 
+    def run_into(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> int:
+        """As the ONNX engine in the engine process: answers go straight to ``outs`` (here: the inputs
+        themselves, so nothing moves), no gather into one batch array and no scatter back."""
+        for part, out in zip(parts, outs, strict=True):
+            if out is not part:
+                np.copyto(out, part)
+        return sum(int(part.shape[0]) for part in parts)
 
-def serve_noop(port: int, log_level: str) -> None:
-    """The service as ``python -m service`` serves it (same uvicorn options), with the no-op engine."""
+
+def serve_noop(port: int, log_level: str, engine_process: bool = False) -> None:
+    """The service as ``python -m service`` serves it (same uvicorn options), with the no-op engine; with
+    ``engine_process`` the engine lives in a child process and the worker reaches it as ``--workers N`` does."""
     from service.__main__ import serve_one, uvicorn_options
     from service.settings import Settings
 
     settings = Settings(port=port, host="127.0.0.1", max_delay_ms=0, engine="fake", log_level=log_level)  # type: ignore[arg-type]
-    serve_one(settings, uvicorn_options(settings), NoopEngine())
+    if not engine_process:
+        serve_one(settings, uvicorn_options(settings), NoopEngine())
+        return
+    path = os.path.join(tempfile.mkdtemp(prefix="bench-engine-", dir="/tmp"), "engine.sock")
+    host = multiprocessing.get_context("spawn").Process(target=host_noop, args=(path,), daemon=True)
+    host.start()
+    while not os.path.exists(path):
+        if not host.is_alive():
+            raise RuntimeError("the no-op engine process died before it listened")
+        time.sleep(0.05)
+    settings = settings.model_copy(update={"engine_socket": path})
+    serve_one(settings, uvicorn_options(settings))
+
+
+def host_noop(path: str) -> None:
+    """The engine process with the no-op engine (what ``python -m service.engine.host`` runs, minus the model)."""
+    from service.engine.host import EngineHost
+
+    asyncio.run(EngineHost(NoopEngine(), 32).serve(path))
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its children (the engine process), all threads."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for proc in (process, *process.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def measure(name: str, command: list[str], port: int, concurrency: int, duration_s: float) -> dict[str, Any]:
@@ -92,13 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--log-level", default="info", help="the service's log level (its default: info)")
     parser.add_argument("--serve-noop", type=int, metavar="PORT", help="only serve the no-op service on PORT")
+    parser.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="with --serve-noop: the no-op engine in its own process; else: also measure that layout",
+    )
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="server on CPU 0")
     parser.add_argument("--tag", default="", help="suffix for the results file")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     if args.serve_noop is not None:
-        serve_noop(args.serve_noop, args.log_level)
+        serve_noop(args.serve_noop, args.log_level, args.engine_process)
         return 0
     py = launch.python()
     pin: list[str] = []
@@ -110,18 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for concurrency in args.concurrency:
         for run in range(args.repeat):
-            for name in ("echo", "service"):
+            for name in ("echo", "service", *(("service-ep",) if args.engine_process else ())):
                 port = launch.free_port()
                 if name == "echo":
                     command = [*pin, py, "-m", "loadtest.peers.echo_server", "--port", str(port), "--workers", "1"]
                 else:
                     command = [*pin, py, "-m", "loadtest.bench_overhead", "--serve-noop", str(port)]
                     command += ["--log-level", args.log_level]
+                    if name == "service-ep":
+                        command.append("--engine-process")
                 row = measure(name, command, port, concurrency, args.duration)
                 rows.append({**row, "run": run})
     print(table(rows))
     if not args.no_save:
-        path = RESULTS / f"overhead-cpu-2026-11-26{('-' + args.tag) if args.tag else ''}.json"
+        path = RESULTS / f"overhead-cpu-{dt.date.today().isoformat()}{('-' + args.tag) if args.tag else ''}.json"
         meta: dict[str, Any] = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
         meta["time"] = time.time()
         path.write_text(json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))

@@ -39,7 +39,7 @@ from loadtest.peers.scrape import Samples, batch_sizes, scrape, time_breakdown
 log = logging.getLogger("bench_service")
 SERVERS = ("service", "per-worker", "json", "echo", "naive", "litserve")
 # Which process serves each entry, and the body format its clients send.
-# ``per-worker`` is ours with an engine in every worker (``--no-shared-engine``) instead of one engine process.
+# ``per-worker`` is ours with an engine in every worker (``--shared-engine off``) instead of one engine process.
 PROCESS = {"service": "service", "per-worker": "per-worker", "json": "service", "echo": "echo", "naive": "naive"}
 PROCESS["litserve"] = "litserve"
 FORMAT = {"service": "raw", "per-worker": "raw", "json": "json", "echo": "raw", "naive": "raw", "litserve": "litserve"}
@@ -110,8 +110,7 @@ def server_command(kind: str, args: argparse.Namespace, port: int) -> tuple[list
         cmd += ["--seq-lens", str(args.seq), "--log-level", "warning"]
         if args.device == "cpu":
             cmd += ["--provider", "cpu"]
-        if kind == "per-worker":
-            cmd += ["--no-shared-engine"]
+        cmd += ["--shared-engine", "off" if kind == "per-worker" else "on"]
         return cmd + args.service_arg, "/readyz", {}
     if kind == "echo":
         return [py, "-m", "loadtest.peers.echo_server", *common, "--workers", str(args.workers)], "/readyz", {}

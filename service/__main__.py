@@ -45,6 +45,7 @@ _CHOICES = {
     "provider": ("auto", "tensorrt", "cuda", "cpu"),
     "log_level": ("critical", "error", "warning", "info", "debug"),
     "engine": ("onnx", "fake"),
+    "shared_engine": ("auto", "on", "off"),
 }
 
 
@@ -100,17 +101,37 @@ def serve(settings: Settings) -> None:
     # prometheus_client's multiprocess files, set up before any worker imports it. uvicorn's supervisor sends
     # each worker SIGTERM, which finishes its accepted requests (no drain window).
     with worker_environment(settings):
-        if not settings.shared_engine:
+        if not uses_shared_engine(settings):
+            log.info("%s workers, each with its own engine", settings.workers)
             uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
             return
         from service.engine.process import engine_process
 
         # One engine process, warm before any worker starts; workers attach to it instead of loading the model.
+        log.info("%s workers sharing one engine process", settings.workers)
         with engine_process() as engine:
             os.environ[ENV_PREFIX + "ENGINE_SOCKET"] = engine.path
             uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
         if engine.died_with is not None:
             raise SystemExit(1)
+
+
+def uses_shared_engine(settings: Settings) -> bool:
+    """``--shared-engine auto``: on with a GPU, off on the CPU.
+
+    Measured (BENCHMARKS.md): on an H100 one engine process serves 8 workers within ±5 % of per-worker engines
+    under load with one CUDA context and model copy instead of eight; on the CPU the extra process hop costs
+    40-200 us of CPU per request and saves nothing, since CPU engines share no device.
+    """
+    if settings.shared_engine != "auto":
+        return settings.shared_engine == "on"
+    if settings.provider in ("cuda", "tensorrt"):
+        return True
+    if settings.provider == "cpu":
+        return False
+    from converter.devices import cuda_device_count
+
+    return cuda_device_count() > 0
 
 
 def serve_one(settings: Settings, common: dict[str, Any], engine: Engine | None = None) -> None:

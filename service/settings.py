@@ -38,10 +38,11 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=64 * MIB, ge=1, description="largest request body; beyond it, 413")
     workers: int = Field(default=1, ge=1, description="HTTP worker processes")
-    shared_engine: bool = Field(
-        default=True,
-        description="with several workers: one engine process computes for all of them (one model copy and CUDA "
-        "context; batches merged across workers, tensors passed through shared memory); off: an engine per worker",
+    shared_engine: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="with several workers: 'on' = one engine process computes for all of them (one model copy and "
+        "CUDA context, batches merged across workers, tensors through shared memory); 'off' = an engine per worker; "
+        "'auto' = on when the model runs on a GPU, off on the CPU",
     )
     engine_socket: str | None = Field(
         default=None, description="internal: set by the supervisor for workers of the shared engine process"

@@ -20,7 +20,7 @@ from tests.reliability.support import NPY_HEADERS, assert_answer, fake_args, npy
 from tests.service.server_support import REPO, clean_env, free_port, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
-FLAGS = ("--workers", "2", "--max-batch-size", "8", "--max-delay-ms", "5")
+FLAGS = ("--workers", "2", "--shared-engine", "on", "--max-batch-size", "8", "--max-delay-ms", "5")
 EXIT_WITHIN_S = 30.0
 Outcome = int | str  # an HTTP status, or the name of the transport error once nothing listens
 

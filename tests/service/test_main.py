@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from service.__main__ import main, parse_settings
+from service.__main__ import main, parse_settings, uses_shared_engine
 
 
 def test_flags_map_to_settings_and_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,3 +29,23 @@ def test_every_setting_has_a_flag() -> None:
 def test_invalid_settings_exit_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--max-batch-size", "0", "--model-dir", "/nowhere"]) == 2
     assert "max_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "provider", "devices", "shared"),
+    [
+        ("on", "cpu", 0, True),
+        ("off", "cuda", 1, False),
+        ("auto", "cuda", 0, True),
+        ("auto", "tensorrt", 0, True),
+        ("auto", "cpu", 1, False),
+        ("auto", "auto", 1, True),
+        ("auto", "auto", 0, False),
+    ],
+)
+def test_shared_engine_auto_means_on_with_a_gpu_and_off_on_the_cpu(
+    flag: str, provider: str, devices: int, shared: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("converter.devices.cuda_device_count", lambda: devices)
+    settings = parse_settings(["--shared-engine", flag, "--provider", provider, "--workers", "4"])
+    assert uses_shared_engine(settings) is shared

@@ -112,6 +112,7 @@ def wait_for_metric(
 
 def test_two_workers_serve_and_metrics_aggregate(small_bundle: Path, reference: Reference, tmp_path: Path) -> None:
     xs = inputs(40)
+    # auto: this machine runs the model on the CPU, so the workers load their own engines
     with running(serve_args(small_bundle, "--workers", "2", "--seq-lens", "16"), tmp_path / "workers.log") as url:
         outputs = asyncio.run(post_all(url, xs))
         pages = [httpx.get(f"{url}/metrics", headers={"connection": "close"}).text for _ in range(4)]
@@ -152,7 +153,8 @@ def test_two_workers_share_one_engine_process(small_bundle: Path, reference: Ref
     xs = inputs(40)
     samples = sum(x.shape[0] for x in xs)
     log = tmp_path / "shared.log"
-    args = serve_args(small_bundle, "--workers", "2", "--seq-lens", "16", "--max-delay-ms", "20")
+    flags = ("--workers", "2", "--seq-lens", "16", "--max-delay-ms", "20", "--shared-engine", "on")
+    args = serve_args(small_bundle, *flags)
     with running_process(args, log) as (url, process):
         (engine,) = engine_processes(process.pid)  # one model copy, however many workers
         outputs = asyncio.run(post_all(url, xs))
@@ -180,7 +182,7 @@ def test_two_workers_without_a_shared_engine_still_serve(
     small_bundle: Path, reference: Reference, tmp_path: Path
 ) -> None:
     xs = inputs(20)
-    args = serve_args(small_bundle, "--workers", "2", "--seq-lens", "16", "--no-shared-engine")
+    args = serve_args(small_bundle, "--workers", "2", "--seq-lens", "16", "--shared-engine", "off")
     with running_process(args, tmp_path / "separate.log") as (url, process):
         assert engine_processes(process.pid) == []
         outputs = asyncio.run(post_all(url, xs))
