@@ -6,8 +6,9 @@ is free, :class:`EngineHost` merges what every worker sent (FIFO, one sequence l
 bucket) into one run and writes each answer back over its input. Eight workers with an engine each meant
 eight CUDA contexts time-slicing one GPU on batches of one to three; here they share one queue.
 
-A batch that fails fails the worker batches in it; an :class:`EngineUnrecoverable` answers BROKEN to every
-waiting worker (their batchers stop, so /readyz turns 503) and ends the process with status 1.
+A batch that fails fails the worker batches in it; an :class:`EngineUnrecoverable` answers BROKEN to the
+batches it broke and GONE to every other waiting one (the workers' batchers stop, so /readyz turns 503; GONE
+requests get 503, not 500) and ends the process with status 1.
 """
 
 from __future__ import annotations
@@ -42,9 +43,46 @@ HANDSHAKE_TIMEOUT_S = 10.0
 class _Job:
     """One worker batch: its rows in that worker's arena, which the answer overwrites."""
 
+    worker: _Worker
+    sequence: int
     rows: np.ndarray
-    future: asyncio.Future[Answer]
     arrived: float
+
+
+class _Worker(asyncio.Protocol):
+    """One attached worker's connection: request frames in, answer frames out, all on the event loop.
+
+    A protocol, not a stream reader per worker: each request is parsed in ``data_received`` and queued without a
+    coroutine, future or task of its own: a round trip took 49 instead of 73 us and 40 instead of 56 us of this
+    process's CPU (no-op engine, one core, 2-core x86-64 CPU).
+    """
+
+    def __init__(self, host: EngineHost, arena: ipc.Arena, hello: dict[str, Any]) -> None:
+        self.host, self.arena, self.hello = host, arena, hello
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        size = ipc.REQUEST.size
+        while len(self._buffer) >= size:
+            frame = ipc.REQUEST.unpack_from(self._buffer)
+            del self._buffer[:size]
+            self.host.request(self, *frame)
+
+    def reply(self, sequence: int, answer: Answer) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # the worker left: nobody waits for this answer
+        status, message, compute_s, wait_s = answer
+        text = message.encode()
+        self.transport.write(ipc.REPLY.pack(sequence, status, len(text), compute_s, wait_s) + text)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.host.detach(self)
 
 
 def run_parts(engine: Engine, parts: Sequence[np.ndarray]) -> tuple[int, float]:
@@ -72,7 +110,9 @@ class EngineHost:
         self.max_batch_size = max_batch_size
         self._observer = SafeObserver(observer or NullObserver())
         self._jobs: deque[_Job] = deque()
-        self._wakeup: asyncio.Event | None = None
+        self._workers: set[_Worker] = set()
+        self._scheduled = False
+        self._dead: asyncio.Future[None] | None = None  # fails with what broke the engine
         self.failure: str | None = None
 
     def info(self) -> dict[str, Any]:
@@ -89,38 +129,41 @@ class EngineHost:
 
     async def serve(self, path: str) -> None:
         """Accept workers on ``path`` until cancelled; raises :class:`EngineUnrecoverable` when the engine broke."""
-        self._wakeup = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._dead = loop.create_future()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         staging = f"{path}.{os.getpid()}"
         listener.bind(staging)
         listener.listen(128)
         listener.setblocking(False)
         os.rename(staging, path)  # the path appears only once it accepts: the supervisor waits for it
-        loop = asyncio.get_running_loop()
-        scheduler = asyncio.create_task(self._schedule(), name="engine-scheduler")
         self._observer.on_alive(True)  # encoder_batcher_alive is a min over processes: this one batches too
-        clients: set[asyncio.Task[None]] = set()
+        attaching: set[asyncio.Task[None]] = set()
         try:
             while True:
                 accept = asyncio.ensure_future(loop.sock_accept(listener))
-                await asyncio.wait({accept, scheduler}, return_when=asyncio.FIRST_COMPLETED)
-                if scheduler.done():
+                either: set[asyncio.Future[Any]] = {accept, self._dead}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if self._dead.done():
                     accept.cancel()
-                    scheduler.result()  # raises what killed it
+                    self._dead.result()  # raises what broke the engine
                     return
                 conn, _ = accept.result()
-                task = asyncio.create_task(self._client(conn))
-                clients.add(task)
-                task.add_done_callback(clients.discard)
+                task = asyncio.create_task(self._attach_worker(conn))
+                attaching.add(task)
+                task.add_done_callback(attaching.discard)
         finally:
-            for task in (*clients, scheduler):
+            for task in attaching:
                 task.cancel()
-            await asyncio.gather(*clients, scheduler, return_exceptions=True)
+            await asyncio.gather(*attaching, return_exceptions=True)
+            for worker in list(self._workers):
+                if worker.transport is not None:
+                    worker.transport.abort()
             listener.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    def _attach(self, conn: socket.socket) -> tuple[ipc.Arena, dict[str, Any]]:
+    def _handshake(self, conn: socket.socket) -> tuple[ipc.Arena, dict[str, Any]]:
         """Handshake (blocking, on a thread): send the engine's facts, receive and map the worker's arena."""
         ipc.send_hello(conn, self.info())
         hello, fds = ipc.recv_hello(conn, max_fds=1)
@@ -143,53 +186,58 @@ class EngineHost:
         ipc.send_hello(conn, {"registered": registered})
         return arena, {**hello, "registered": registered}
 
-    async def _client(self, conn: socket.socket) -> None:
+    async def _attach_worker(self, conn: socket.socket) -> None:
         # A bounded handshake: a peer that connects and stays silent must not hold a thread forever.
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         try:
-            arena, hello = await asyncio.to_thread(self._attach, conn)
+            arena, hello = await asyncio.to_thread(self._handshake, conn)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("a worker failed to attach: %s", exc)
             conn.close()
             return
         conn.setblocking(False)
-        reader, writer = await asyncio.open_unix_connection(sock=conn)
+        worker = _Worker(self, arena, hello)
+        self._workers.add(worker)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: worker, sock=conn)
         log.info(
             "worker %s attached (arena %s MiB, page-locked: %s)",
             hello.get("pid"),
             arena.size >> 20,
             hello["registered"],
         )
-        try:
-            while True:
-                sequence, batch, seq, offset = ipc.REQUEST.unpack(await reader.readexactly(ipc.REQUEST.size))
-                status, message, compute_s, wait_s = await self._compute(arena, batch, seq, offset)
-                text = message.encode()
-                writer.write(ipc.REPLY.pack(sequence, status, len(text), compute_s, wait_s) + text)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            log.info("worker %s detached", hello.get("pid"))
-        finally:
-            writer.close()
-            unregister = getattr(self.engine, "unregister_host", None)
-            if hello["registered"] and unregister is not None:
-                unregister(arena.address)  # batches run on this loop: none is reading the arena now
-            arena.close()
 
-    async def _compute(self, arena: ipc.Arena, batch: int, seq: int, offset: int) -> Answer:
+    def detach(self, worker: _Worker) -> None:
+        """A worker left: forget its queued batches, unpin and unmap its arena."""
+        if worker not in self._workers:
+            return
+        self._workers.discard(worker)
+        self._jobs = deque(job for job in self._jobs if job.worker is not worker)
+        unregister = getattr(self.engine, "unregister_host", None)
+        if worker.hello["registered"] and unregister is not None:
+            unregister(worker.arena.address)  # batches run on this loop: none is reading the arena now
+        worker.arena.close()
+        log.info("worker %s detached", worker.hello.get("pid"))
+
+    def request(self, worker: _Worker, sequence: int, batch: int, seq: int, offset: int) -> None:
+        """One request frame: refused at once when invalid, else queued for the next run."""
         if self.failure is not None:
-            return ipc.GONE, self.failure, 0.0, 0.0
+            worker.reply(sequence, (ipc.GONE, self.failure, 0.0, 0.0))
+            return
         if batch < 1 or not 1 <= seq <= self.engine.max_seq_len:
-            return ipc.FAILED, f"invalid batch shape ({batch}, {seq})", 0.0, 0.0
+            worker.reply(sequence, (ipc.FAILED, f"invalid batch shape ({batch}, {seq})", 0.0, 0.0))
+            return
         try:
-            rows = arena.view(offset, (batch, seq, self.engine.dim), self.engine.dtype)
+            rows = worker.arena.view(offset, (batch, seq, self.engine.dim), self.engine.dtype)
         except ValueError as exc:
-            return ipc.FAILED, str(exc), 0.0, 0.0
-        assert self._wakeup is not None
-        job = _Job(rows, asyncio.get_running_loop().create_future(), time.monotonic())
-        self._jobs.append(job)
-        self._wakeup.set()
-        return await job.future
+            worker.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
+            return
+        self._jobs.append(_Job(worker, sequence, rows, time.monotonic()))
+        self._run_soon()
+
+    def _run_soon(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run_next)
 
     def _take(self) -> list[_Job]:
         """FIFO jobs of the first job's sequence length, up to ``max_batch_size`` samples (at least one job)."""
@@ -207,48 +255,47 @@ class EngineHost:
         self._jobs = deque(kept)
         return taken
 
-    async def _schedule(self) -> None:
-        assert self._wakeup is not None
-        while True:
-            while not self._jobs:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch = self._take()
-            started = time.monotonic()
-            waits = tuple(started - job.arrived for job in batch)
-            samples, seq = sum(j.rows.shape[0] for j in batch), batch[0].rows.shape[1]
-            try:
-                # On the event loop itself: frames that arrive meanwhile wait in the socket buffers and join the
-                # next batch, and no thread hand-off (two wake-ups) is paid per batch.
-                padded, compute_s = run_parts(self.engine, [job.rows for job in batch])
-            except Exception as exc:
-                message = f"inference failed: {type(exc).__name__}: {exc}"
-                log.warning("batch of %s samples (seq %s) failed: %s", samples, seq, exc, exc_info=True)
-                self._observer.on_batch(BatchStats(samples, samples, seq, time.monotonic() - started, (), True))
-                if isinstance(exc, EngineUnrecoverable):
-                    self.failure = message
-                    self._observer.on_alive(False)
-                    for job in batch:
-                        _answer(job, (ipc.BROKEN, message, 0.0, 0.0))
-                    for job in self._jobs:
-                        _answer(job, (ipc.GONE, message, 0.0, 0.0))
-                    self._jobs.clear()
-                    raise
-                for job in batch:
-                    _answer(job, (ipc.FAILED, message, 0.0, 0.0))
-                await asyncio.sleep(0)
-                continue
+    def _run_next(self) -> None:
+        """One batch, on the event loop itself: frames that arrive meanwhile wait in the socket buffers and join
+        the next batch, and no thread hand-off is paid per batch. The next batch is a later callback, so the
+        answers go out and new frames come in first."""
+        self._scheduled = False
+        if not self._jobs or self.failure is not None:
+            return
+        batch = self._take()
+        started = time.monotonic()
+        waits = tuple(started - job.arrived for job in batch)
+        samples, seq = sum(j.rows.shape[0] for j in batch), batch[0].rows.shape[1]
+        try:
+            padded, compute_s = run_parts(self.engine, [job.rows for job in batch])
+        except Exception as exc:
+            message = f"inference failed: {type(exc).__name__}: {exc}"
+            log.warning("batch of %s samples (seq %s) failed: %s", samples, seq, exc, exc_info=True)
+            self._observer.on_batch(BatchStats(samples, samples, seq, time.monotonic() - started, (), True))
+            if isinstance(exc, EngineUnrecoverable):
+                self._break(batch, message, exc)
+                return
+            for job in batch:
+                job.worker.reply(job.sequence, (ipc.FAILED, message, 0.0, 0.0))
+        else:
             # No queue waits here: the workers record their requests' waits, each request once.
             self._observer.on_batch(BatchStats(samples, padded, seq, compute_s, ()))
             for job, wait in zip(batch, waits, strict=True):
-                _answer(job, (ipc.OK, "", compute_s, wait))
-            del batch  # its views would keep a departed worker's arena mapped until the next batch
-            await asyncio.sleep(0)  # let the answers go out and new frames come in before the next batch
+                job.worker.reply(job.sequence, (ipc.OK, "", compute_s, wait))
+        if self._jobs:
+            self._run_soon()
 
-
-def _answer(job: _Job, answer: Answer) -> None:
-    if not job.future.done():
-        job.future.set_result(answer)
+    def _break(self, batch: list[_Job], message: str, exc: EngineUnrecoverable) -> None:
+        """The engine is broken for good: this batch gets BROKEN, everything queued GONE, and serve() raises."""
+        self.failure = message
+        self._observer.on_alive(False)
+        for job in batch:
+            job.worker.reply(job.sequence, (ipc.BROKEN, message, 0.0, 0.0))
+        for job in self._jobs:
+            job.worker.reply(job.sequence, (ipc.GONE, message, 0.0, 0.0))
+        self._jobs.clear()
+        if self._dead is not None and not self._dead.done():
+            self._dead.set_exception(exc)
 
 
 def _exit_with_parent() -> None:
