@@ -121,7 +121,7 @@ def uses_shared_engine(settings: Settings) -> bool:
 
     Measured (BENCHMARKS.md): on an H100 one engine process serves 8 workers within ±5 % of per-worker engines
     under load with one CUDA context and model copy instead of eight; on the CPU the extra process hop costs
-    40-200 us of CPU per request and saves nothing, since CPU engines share no device.
+    60-120 us of CPU per request and saves nothing, since CPU engines share no device.
     """
     if settings.shared_engine != "auto":
         return settings.shared_engine == "on"
