@@ -119,9 +119,10 @@ def serve(settings: Settings) -> None:
 def uses_shared_engine(settings: Settings) -> bool:
     """``--shared-engine auto``: on with a GPU, off on the CPU.
 
-    Measured (BENCHMARKS.md): on an H100 one engine process serves 8 workers within ±5 % of per-worker engines
-    under load with one CUDA context and model copy instead of eight; on the CPU the extra process hop costs
-    60-120 us of CPU per request and saves nothing, since CPU engines share no device.
+    Measured (BENCHMARKS.md): on an H100 one engine process serves 8 workers at saturation as fast as
+    per-worker engines with a lower p50 and one CUDA context and model copy instead of eight (4-14 % slower
+    below saturation); on the CPU the extra process hop costs 60-120 us of CPU per request and saves nothing,
+    since CPU engines share no device.
     """
     if settings.shared_engine != "auto":
         return settings.shared_engine == "on"
