@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -134,3 +135,26 @@ def test_a_fatal_engine_error_ends_the_engine_process_and_the_service(tmp_path: 
     text = log.read_text()
     # It reports the broken engine and exits with status 1; it does not linger half-alive.
     assert "broken for good" in text and "the engine process exited with status 1" in text
+
+
+def test_sigterm_answers_every_accepted_request_before_the_engine_process_stops(tmp_path: Path) -> None:
+    """The workers drain through the engine process, so it must outlive them: stopped last, not first."""
+    log = tmp_path / "server.log"
+    xs = [sample(100 + i) for i in range(6)]
+    with service(log, *FLAGS, "--fake-delay-ms", "300") as (url, server):
+        family = psutil.Process(server.pid).children(recursive=True)
+        with ThreadPoolExecutor(len(xs)) as pool:
+            answers = [pool.submit(post, url, x) for x in xs]
+            time.sleep(0.15)  # accepted and queued or computing: the slow engine holds them
+            server.send_signal(signal.SIGTERM)
+            responses = [answer.result() for answer in answers]
+        code = server.wait(EXIT_WITHIN_S)
+    for x, response in zip(xs, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert_answer(x, response.content)
+    assert code in (0, -signal.SIGTERM), log.read_text()[-3000:]
+    deadline = time.monotonic() + 10
+    while not all_gone(family) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all_gone(family), [m for m in family if m.is_running()]
+    assert "the engine process exited with status" not in log.read_text()  # stopped on purpose, not died
