@@ -143,7 +143,8 @@ class Batcher:
         self._closing = True
         if drain_s > 0 and self.alive:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._until_idle(), drain_s)
+                async with asyncio.timeout(drain_s):  # not wait_for: see _next_ready_group
+                    await self._until_idle()
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
