@@ -183,7 +183,6 @@ class EngineHost:
                 registered = bool(register(arena.address, arena.size))
             except Exception as exc:  # still correct, only slower: copies from pageable memory
                 log.warning("cannot page-lock the arena of worker %s: %s", hello.get("pid"), exc)
-        ipc.send_hello(conn, {"registered": registered})
         return arena, {**hello, "registered": registered}
 
     async def _attach_worker(self, conn: socket.socket) -> None:
@@ -198,7 +197,10 @@ class EngineHost:
         conn.setblocking(False)
         worker = _Worker(self, arena, hello)
         self._workers.add(worker)
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: worker, sock=conn)
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: worker, sock=conn)
+        # The handshake's last message goes out only now that this loop reads the connection: a worker whose
+        # constructor returned is one whose next frame joins the next batch, never a later one.
+        transport.write(ipc.hello_frame({"registered": hello["registered"]}))
         log.info(
             "worker %s attached (arena %s MiB, page-locked: %s)",
             hello.get("pid"),

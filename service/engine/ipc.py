@@ -46,12 +46,17 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def send_hello(sock: socket.socket, payload: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-    """A length-prefixed JSON message, optionally carrying file descriptors (blocking socket)."""
+def hello_frame(payload: dict[str, Any]) -> bytes:
+    """A length-prefixed JSON message."""
     body = json.dumps(payload).encode()
     if len(body) > MAX_HELLO:
         raise ProtocolError(f"hello message of {len(body)} bytes is too large")
-    frame = _LENGTH.pack(len(body)) + body
+    return _LENGTH.pack(len(body)) + body
+
+
+def send_hello(sock: socket.socket, payload: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+    """A :func:`hello_frame`, optionally carrying file descriptors (blocking socket)."""
+    frame = hello_frame(payload)
     if fds:
         sent = socket.send_fds(sock, [frame], list(fds))
         frame = frame[sent:]

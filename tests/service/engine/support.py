@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from service.batching.observer import BatcherObserver
 from service.engine import ipc
 from service.engine.base import Engine
+from service.engine.fake import FakeEngine
 from service.engine.host import EngineHost
 from service.engine.remote import RemoteEngine
 
@@ -194,3 +196,15 @@ class RawWorker:
     def close(self) -> None:
         self.sock.close()
         self.arena.close()
+
+
+def gated(**kwargs: Any) -> tuple[FakeEngine, Gate]:
+    gate = Gate()
+    return FakeEngine(fail_if=gate, **kwargs), gate
+
+
+def hold_first(pool: ThreadPoolExecutor, engine: FakeEngine, remote: RemoteEngine, x: np.ndarray) -> Future[Any]:
+    """Start ``x`` and wait until the engine holds it (behind its gate): what comes next queues up."""
+    future = pool.submit(remote.run, x)
+    wait_until(lambda: len(engine.batches) == 1, "the first batch to reach the engine")
+    return future
