@@ -108,7 +108,7 @@ class Batcher:
         # One thread for every engine call: warm-up (e.g. CUDA-graph capture) and batches run on the same one.
         self._executor = ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="encoder-engine")
         self._slots = asyncio.Semaphore(config.max_in_flight)
-        self._in_flight: set[asyncio.Task[None]] = set()  # batch tasks when max_in_flight > 1
+        self._in_flight: set[asyncio.Task[None]] = set()  # batches computing now
         self._broken: BaseException | None = None  # what a batch task died of: the loop dies of it too
         self._stopping = False
         self._closing = False  # stop() was called: no new work, whatever is queued may still finish
@@ -258,15 +258,11 @@ class Batcher:
                     raise
                 if not batch:
                     self._slots.release()
-                elif self.config.max_in_flight == 1:
-                    try:
-                        await self._compute(batch)
-                    finally:
-                        self._slots.release()
-                else:
-                    task = asyncio.get_running_loop().create_task(self._compute_in_flight(batch))
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._in_flight.discard)
+                    continue
+                # A task per batch, whatever max_in_flight: with one slot the loop simply waits for it here.
+                task = asyncio.get_running_loop().create_task(self._compute_in_flight(batch))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
         except asyncio.CancelledError:
             if self._broken is None:
                 raise
@@ -279,7 +275,7 @@ class Batcher:
             await self._compute(batch)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the engine is broken for good: the loop dies, as with one batch in flight
+        except Exception as exc:  # only EngineUnrecoverable gets here: the engine is broken for good, so the loop dies
             if self._broken is None and self._task is not None:
                 self._broken = exc
                 self._task.cancel()
