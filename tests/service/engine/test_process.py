@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -98,29 +99,31 @@ def test_a_start_that_fails_raises_and_leaves_nothing(monkeypatch: pytest.Monkey
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-@pytest.mark.usefixtures("fake_env", "no_engine_left")
-def test_an_engine_process_that_dies_is_recorded_and_stops_the_supervisor() -> None:
+@contextlib.contextmanager
+def sigterm_recorded() -> Iterator[list[int]]:
+    """SIGTERMs to this process are recorded instead of ending it (the watcher sends one to its supervisor)."""
     received: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
     try:
-        with engine_process() as process:
-            (child,) = engine_children()
-            child.kill()
-            wait_until(lambda: process.died_with is not None and bool(received), "the watcher to notice")
-            assert process.died_with == -signal.SIGKILL
-            assert received == [signal.SIGTERM]  # the supervisor stops itself: uvicorn then stops the workers
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.usefixtures("fake_env", "no_engine_left")
+def test_an_engine_process_that_dies_is_recorded_and_stops_the_supervisor() -> None:
+    with sigterm_recorded() as received, engine_process() as process:
+        (child,) = engine_children()
+        child.kill()
+        wait_until(lambda: process.died_with is not None and bool(received), "the watcher to notice")
+        assert process.died_with == -signal.SIGKILL
+        assert received == [signal.SIGTERM]  # the supervisor stops itself: uvicorn then stops the workers
 
 
 @pytest.mark.usefixtures("fake_env", "no_engine_left")
 def test_stopping_does_not_count_as_dying() -> None:
-    received: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
-    try:
+    with sigterm_recorded() as received:
         with engine_process() as process:
             pass
         time.sleep(0.2)  # the watcher thread has seen the exit by now
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert process.died_with is None and received == []

@@ -204,21 +204,27 @@ def test_the_app_serves_through_a_remote_engine_and_turns_unavailable_when_the_h
 # --- memory safety: in a subprocess, since the failure is a segfault -------------------------------------------
 
 
-def run_script(body: str) -> subprocess.CompletedProcess[str]:
-    script = textwrap.dedent(
-        """
+def assert_survives(body: str) -> None:
+    """Run ``body`` in a fresh interpreter: it must reach its end (a segfault or an exception fails the test)."""
+    script = (
+        textwrap.dedent(
+            """
         import numpy as np
         from service.engine.fake import FakeEngine, fake_output
         from service.engine.remote import RemoteEngine
         from tests.service.engine.support import hosting, sample
         """
-    ) + textwrap.dedent(body)
+        )
+        + textwrap.dedent(body)
+        + '\nprint("survived")\n'
+    )
     command = [sys.executable, "-c", script]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr[-2000:])
 
 
 def test_an_arena_smaller_than_a_row_per_region_is_refused_or_works() -> None:
-    result = run_script(
+    assert_survives(
         """
         with hosting(FakeEngine()) as host:
             remote = RemoteEngine(host.path, max_arena_bytes=4096)  # rows of 64 x 8 float32 are 2 KiB
@@ -228,14 +234,12 @@ def test_an_arena_smaller_than_a_row_per_region_is_refused_or_works() -> None:
                     assert np.allclose(remote.run(x), fake_output(x))
                 except ValueError:
                     pass
-        print("survived")
         """
     )
-    assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr[-2000:])
 
 
 def test_answers_survive_closing_the_remote_engine() -> None:
-    result = run_script(
+    assert_survives(
         """
         with hosting(FakeEngine()) as host:
             remote = RemoteEngine(host.path)
@@ -243,20 +247,16 @@ def test_answers_survive_closing_the_remote_engine() -> None:
             out = remote.run(x)
             remote.close()
             assert np.allclose(out, fake_output(x))
-        print("survived")
         """
     )
-    assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr[-2000:])
 
 
 def test_closing_a_remote_engine_twice_is_harmless() -> None:
-    result = run_script(
+    assert_survives(
         """
         with hosting(FakeEngine()) as host:
             remote = RemoteEngine(host.path)
             remote.close()
             remote.close()
-        print("survived")
         """
     )
-    assert result.returncode == 0 and "survived" in result.stdout, (result.returncode, result.stderr[-2000:])
