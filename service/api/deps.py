@@ -1,70 +1,12 @@
-"""Request-scoped access to the service's parts (set up by ``service.app``'s lifespan)."""
+"""Request-scoped access to the service's parts (set up by ``service.app``'s lifespan) for FastAPI routes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.api.errors import NotReady
-from service.batching.batcher import Batcher
-from service.engine.base import Engine
-from service.metrics import Metrics
-from service.settings import Settings
-
-
-@dataclass
-class ServiceState:
-    """What the routes see. ``engine``/``batcher`` appear once loading and warm-up finished."""
-
-    settings: Settings
-    metrics: Metrics
-    engine: Engine | None = None
-    batcher: Batcher | None = None
-    draining: bool = False
-    in_flight: int = 0  # /encode requests admitted and not answered yet (bounds memory: see serving.admitted)
-    load_error: str | None = None
-
-    def start_draining(self) -> None:
-        """SIGTERM arrived: /readyz turns 503 (requests that still arrive are served)."""
-        self.draining = True
-
-    def fatal_error(self) -> str | None:
-        """Why this process can never serve again (only a restart helps), if so."""
-        if self.load_error is not None:
-            return f"the model failed to load: {self.load_error}"
-        if self.batcher is not None and self.batcher.failure is not None:
-            return f"the batching loop died: {self.batcher.failure}"
-        return None
-
-    def not_ready_reason(self) -> str | None:
-        """Why /readyz says 503. Draining counts here, so load balancers stop routing new work to us."""
-        fatal = self.fatal_error()
-        if fatal is not None:
-            return fatal
-        if self.draining:
-            return "the service is shutting down"
-        return self.cannot_serve_reason()
-
-    def cannot_serve_reason(self) -> str | None:
-        """Why /encode cannot be answered. Not draining: during the drain window requests that still arrive
-        (the balancer has not noticed yet) are served, not failed."""
-        fatal = self.fatal_error()
-        if fatal is not None:
-            return fatal
-        if self.engine is None or self.batcher is None:
-            return "the model is loading and warming up"
-        if not self.batcher.alive:
-            return "the batching loop is not running"
-        return None
-
-    def ready_parts(self) -> tuple[Engine, Batcher]:
-        reason = self.cannot_serve_reason()
-        if reason is not None:
-            raise NotReady(reason)
-        assert self.engine is not None and self.batcher is not None
-        return self.engine, self.batcher
+from service.state import ServiceState
 
 
 async def get_state(request: Request) -> ServiceState:

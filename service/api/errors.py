@@ -1,6 +1,7 @@
 """One table from domain errors to HTTP: status, error type, and the outcome label counted in metrics.
 
-Every error answer has the same body: ``{"error": {"type": ..., "message": ...}}``.
+Every error answer has the same body: ``{"error": {"type": ..., "message": ...}}``. The errors themselves live
+in :mod:`service.errors` (transport-neutral) and are re-exported here for the HTTP adapters.
 """
 
 from __future__ import annotations
@@ -15,33 +16,18 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFailed, Overloaded
+from service.errors import (
+    BodyTimeout,
+    ClientDisconnected,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
-
-
-class InvalidInput(Exception):
-    """The request body or its headers do not describe a valid input for the loaded model."""
-
-
-class UnsupportedMediaType(Exception):
-    """The Content-Type is none of the supported formats."""
-
-
-class PayloadTooLarge(Exception):
-    """The body is larger than ``max_body_bytes``."""
-
-
-class BodyTimeout(Exception):
-    """The request's deadline passed while its body was still arriving (a slow or stalled client)."""
-
-
-class NotReady(Exception):
-    """The engine is still loading or warming up, failed to load, or the service is draining."""
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before its answer was ready."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +41,7 @@ class ErrorSpec:
 
 ERRORS: dict[type[Exception], ErrorSpec] = {
     InvalidInput: ErrorSpec(422, "invalid_input", "invalid"),
+    NotFound: ErrorSpec(404, "not_found", "invalid"),
     UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type", "invalid"),
     PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid", close=True),
     BodyTimeout: ErrorSpec(408, "request_timeout", "timeout", close=True),

@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-import numpy as np
 from fastapi import Request, Response
 from starlette.types import Receive
 
 from service.api import codecs
-from service.api.deps import ServiceState
-from service.api.errors import (
-    BodyTimeout,
-    ClientDisconnected,
-    InvalidInput,
-    PayloadTooLarge,
-    error_response,
-    spec_for,
-)
+from service.api.errors import error_response, spec_for
 from service.batching.batcher import Batcher
-from service.batching.errors import Overloaded
+from service.dataplane import admitted, infer, off_loop_if_large, timeout_s
 from service.engine.base import Engine
+from service.errors import BodyTimeout, ClientDisconnected, InvalidInput, PayloadTooLarge
+from service.state import ServiceState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-LARGE_BODY_BYTES = 1 << 20
 
 
 async def encode(request: Request, state: ServiceState) -> Response:
@@ -51,8 +42,7 @@ async def encode(request: Request, state: ServiceState) -> Response:
 
 
 async def _encode(request: Request, state: ServiceState, arrived: float) -> Response:
-    engine, batcher = state.ready_parts()
-    with admitted(state, batcher):
+    with admitted(state) as (engine, batcher):
         return await _admitted_encode(request, state, engine, batcher, arrived)
 
 
@@ -66,51 +56,12 @@ async def _admitted_encode(
     deadline = arrived + timeout_s(headers.get("x-request-timeout-ms"), settings.request_timeout_ms)
     body = await read_body_until(request, settings.max_body_bytes, deadline)
     decoded = await off_loop_if_large(len(body), codecs.decode, fmt_in, body, headers)
-    batch = await off_loop_if_large(decoded.array.nbytes, model_input, decoded.array, engine)
-    result = await until_disconnected(request.receive, batcher.submit(batch, deadline))
+    result = await until_disconnected(request.receive, infer(engine, batcher, decoded.array, deadline))
     output = result.output if decoded.array.ndim == 3 else result.output[0]
     wire = output.astype(decoded.wire_dtype, copy=False)
     encoded = await off_loop_if_large(wire.nbytes, codecs.encode, fmt_out, wire, engine.name)
     timing = {"x-queue-time": f"{result.queue_s:.6f}", "x-inference-time": f"{result.compute_s:.6f}"}
     return Response(encoded.content, media_type=encoded.media_type, headers={**encoded.headers, **timing})
-
-
-@contextlib.contextmanager
-def admitted(state: ServiceState, batcher: Batcher) -> Iterator[None]:
-    """Refuse (429) before reading the body once ``max_queue + max_batch_size`` requests are in flight.
-
-    The queue limit alone bounds only decoded requests: every overflowing client would still have its whole
-    body read and parsed before hearing 429. Counting admitted requests bounds the memory held by /encode to
-    about that many bodies, however large the burst.
-    """
-    limit = batcher.config.max_queue + batcher.config.max_batch_size
-    if state.in_flight >= limit:
-        raise Overloaded(f"{state.in_flight} requests are already in flight (limit {limit})")
-    state.in_flight += 1
-    try:
-        yield
-    finally:
-        state.in_flight -= 1
-
-
-async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
-    """Big bodies are decoded/encoded on a worker thread, so one 50 MB JSON body does not stall every
-    other request's parsing, /metrics and /healthz for the whole parse."""
-    if size < LARGE_BODY_BYTES:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
-
-
-def timeout_s(header: str | None, default_ms: float) -> float:
-    if header is None:
-        return default_ms / 1000.0
-    try:
-        value = float(header)
-    except ValueError as exc:
-        raise InvalidInput(f"X-Request-Timeout-Ms must be a number of milliseconds, got {header!r}") from exc
-    if not 0 < value < 1e12:  # also refuses NaN and infinity (asyncio timers cannot take them)
-        raise InvalidInput(f"X-Request-Timeout-Ms must be a positive finite number, got {header!r}")
-    return value / 1000.0
 
 
 async def read_body_until(request: Request, limit: int, deadline: float) -> bytes:
@@ -142,45 +93,6 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def model_input(array: np.ndarray, engine: Engine) -> np.ndarray:
-    """The engine's (B, S, D) input in its dtype. Non-finite values are refused: NaN/Inf in, NaN out, and
-    JSON cannot even carry the answer; a value too large for an fp16 model becomes Inf in the cast."""
-    batch = as_batch(array, engine)
-    if batch.dtype != engine.dtype:  # no cast, no overflow: np.errstate costs ~2 us, so only where it can matter
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as a 422
-            batch = batch.astype(engine.dtype)
-    if not all_finite(batch):
-        raise InvalidInput(f"inputs must be finite numbers within the model's dtype ({engine.dtype.name})")
-    return batch
-
-
-def all_finite(x: np.ndarray) -> bool:
-    """``np.isfinite(x).all()``, but for float16 on the bits: numpy's half-precision isfinite is scalar code,
-    7x slower than this mask test (an exponent of all ones is Inf or NaN), and it runs on every request."""
-    if x.dtype == np.float16:
-        if x.size == 0:
-            return True
-        # The masked exponent's max is 0x7C00 exactly when some value is Inf/NaN: one temporary and a SIMD
-        # max (10 us for 196x768) instead of two temporaries and np.any (15 us).
-        return int((x.view(np.uint16) & 0x7C00).max()) != 0x7C00
-    return bool(np.isfinite(x).all())
-
-
-def as_batch(array: np.ndarray, engine: Engine) -> np.ndarray:
-    """(S, D) or (B, S, D) -> (B, S, D), checked against the model: rank, width, sequence length."""
-    if array.ndim not in (2, 3):
-        raise InvalidInput(f"expected shape (S, D) or (B, S, D), got {list(array.shape)}")
-    batch = array if array.ndim == 3 else array[np.newaxis]
-    samples, seq_len, dim = batch.shape
-    if dim != engine.dim:
-        raise InvalidInput(f"the last dimension must be {engine.dim} (the model's width), got {dim}")
-    if samples == 0 or seq_len == 0:
-        raise InvalidInput(f"the input is empty: shape {list(array.shape)}")
-    if seq_len > engine.max_seq_len:
-        raise InvalidInput(f"sequence length {seq_len} is over the model's maximum {engine.max_seq_len}")
-    return batch
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -67,3 +67,10 @@ def test_only_the_engine_package_touches_onnxruntime(banned: str) -> None:
 def test_importing_the_service_loads_no_torch() -> None:
     code = "import sys, service.__main__, service.app, service.engine.onnx; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_data_plane_is_transport_neutral() -> None:
+    # Every protocol adapter (/encode, OIP REST, gRPC) calls these; none of them may pull a transport in.
+    files = [SERVICE / name for name in ("dataplane.py", "errors.py", "state.py")]
+    banned = ("fastapi", "starlette", "grpc", "onnxruntime", "service.api", "uvicorn")
+    assert violations(files, banned) == []

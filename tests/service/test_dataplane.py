@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.api.serving import all_finite
+from service.dataplane import all_finite
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])

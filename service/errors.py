@@ -1,0 +1,35 @@
+"""Domain errors shared by every protocol adapter (``/encode``, OIP REST, gRPC).
+
+Each adapter maps them to its own wire: ``service.api.errors`` to HTTP statuses, the gRPC adapter to status
+codes. Nothing here knows about HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+
+class InvalidInput(Exception):
+    """The request body or its headers do not describe a valid input for the loaded model."""
+
+
+class UnsupportedMediaType(Exception):
+    """The Content-Type is none of the supported formats."""
+
+
+class PayloadTooLarge(Exception):
+    """The body is larger than ``max_body_bytes``."""
+
+
+class BodyTimeout(Exception):
+    """The request's deadline passed while its body was still arriving (a slow or stalled client)."""
+
+
+class NotReady(Exception):
+    """The engine is still loading or warming up, failed to load, or the service is draining."""
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+class NotFound(Exception):
+    """The request names something the server does not have (a model, a version, a shared-memory region)."""
