@@ -15,8 +15,8 @@ import numpy as np
 # OIP datatype names <-> numpy. The encoder takes and gives floating point only; the others are named so an
 # input of another type gets a clear "unsupported datatype" rather than "unknown datatype".
 DATATYPES: dict[str, np.dtype[Any]] = {"FP16": np.dtype("<f2"), "FP32": np.dtype("<f4")}
-KNOWN_DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
-KNOWN_DATATYPES += ("FP16", "FP32", "FP64", "BF16", "BYTES")
+KNOWN_DATATYPES: tuple[str, ...] = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32")
+KNOWN_DATATYPES += ("INT64", "FP16", "FP32", "FP64", "BF16", "BYTES")
 
 
 def datatype_of(dtype: np.dtype[Any]) -> str:
