@@ -8,7 +8,7 @@ is written once against these types.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -88,3 +88,20 @@ class InferResponse:
     id: str | None = None
     queue_s: float = 0.0
     compute_s: float = 0.0
+
+
+class SharedMemory(Protocol):
+    """What the OIP data plane needs of the shared-memory registry (``service.shm``): bounds-checked views.
+
+    Both raise the domain errors of :mod:`service.errors` (InvalidInput, NotFound) for an unknown region, a
+    range past the region or a byte size that does not match ``shape`` x ``dtype``. A view keeps its mapping
+    alive, so unregistering a region while a request uses it is safe.
+    """
+
+    def input_array(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        """A read-only view of the input's bytes in the region."""
+        ...
+
+    def output_array(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        """A writable view where the output's values go."""
+        ...
