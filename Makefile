@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Console tools installed in the venv (hadolint, locust, promtool wrappers) must be found by the tests.
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Console tools installed in the venv (hadolint, locust) must be found by the tests, and so must nginx and
+# haproxy, which Debian installs in sbin (not on a non-root PATH).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH):/usr/local/sbin:/usr/sbin:/sbin
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve test test-deps lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +20,12 @@ setup: $(BIN)/python
 serve: setup
 	$(BIN)/python -m service
 
-test: setup
+# Programs the tests run besides Python (promtool, prometheus, nginx, haproxy): installed with apt-get when
+# root, else one line saying what to install. First, so a missing one stops the run before the long setup.
+test-deps:
+	$(PYTHON) scripts/test_deps.py
+
+test: test-deps setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy converter service
 	$(BIN)/python -m pytest -q

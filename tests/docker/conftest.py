@@ -16,8 +16,8 @@ __all__ = ["DOCKER", "REPO", "require_tool", "small_bundle"]
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 INSTALL_HINT = (
-    "CI installs it (.ci/run: apt-get install prometheus, which ships both prometheus and promtool); "
-    "locally: `sudo apt-get install prometheus`, or put the binaries of a release from "
+    "`make test` installs it as root with apt-get (scripts/test_deps.py: Debian's prometheus package ships both "
+    "prometheus and promtool); otherwise `sudo apt-get install prometheus`, or put the binaries of a release from "
     "https://prometheus.io/download/ on PATH"
 )
 
