@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU round of the engine work (run on the device machine with onnxruntime-gpu on PYTHONPATH):
 # convert the variants with the converter's own CUDA-EP fp16 verification, then benchmark them in one process.
-#   bash loadtest/engine_round.sh OUTDIR "BENCH ARGS..."   e.g. bash loadtest/engine_round.sh $OUT "--no-compile"
+#   bash loadtest/experiments/engine_round.sh OUTDIR "BENCH ARGS..."   e.g. bash loadtest/experiments/engine_round.sh $OUT "--no-compile"
 # The first bundle is the table's "ours"; the bert bundle is the same-run baseline.
 set -uo pipefail
 out=${1:?outdir}; shift
@@ -16,7 +16,7 @@ conv split-gemm8 --graph-opt mha-split --graph-opt ffn-gemm8 &
 wait
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 host=pinned
-python loadtest/smoke_pinned.py $b/base 2>&1 | grep -v "No registered plugin EP" | tail -8 | tee $out/smoke.txt
+python loadtest/experiments/smoke_pinned.py $b/base 2>&1 | grep -v "No registered plugin EP" | tail -8 | tee $out/smoke.txt
 grep -q "SMOKE OK" $out/smoke.txt || host=pageable
 python loadtest/bench_engine.py --profile-batch 512 --host-path $host $bench_args \
   --bundle $b/split-concat=split_concat --bundle $b/base=bert --bundle $b/split-gemm8=split_gemm8_nograph \

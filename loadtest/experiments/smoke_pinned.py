@@ -1,6 +1,6 @@
 """GPU smoke test of EncoderSession's pinned/pipelined host path against onnxruntime's own copies.
 
-python loadtest/smoke_pinned.py BUNDLE_DIR
+python loadtest/experiments/smoke_pinned.py BUNDLE_DIR
 """
 
 from __future__ import annotations
