@@ -35,6 +35,8 @@ _FLAG_TYPES: dict[str, Any] = {
     "max_queue": int,
     "request_timeout_ms": float,
     "max_body_bytes": int,
+    "max_shared_memory_bytes": int,
+    "max_shared_memory_regions": int,
     "workers": int,
     "cache_dir": Path,
     "drain_s": float,

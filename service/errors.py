@@ -33,3 +33,17 @@ class ClientDisconnected(Exception):
 
 class NotFound(Exception):
     """The request names something the server does not have (a model, a version, a shared-memory region)."""
+
+
+class Forbidden(InvalidInput):
+    """The request names something the service may not use (a shared-memory object of another user, a symbolic
+    link, a device). A subclass of InvalidInput so an adapter without its own entry still answers 4xx."""
+
+
+class Conflict(InvalidInput):
+    """The request conflicts with the server's state: a shared-memory region name already registered."""
+
+
+class LimitExceeded(Conflict):
+    """Granting the request would pass a configured limit (regions registered, bytes mapped); freeing some first
+    (unregistering) resolves it, as with any conflict."""

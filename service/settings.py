@@ -47,6 +47,19 @@ class Settings(BaseSettings):
     engine_socket: str | None = Field(
         default=None, description="internal: set by the supervisor for workers of the shared engine process"
     )
+    max_shared_memory_bytes: int = Field(
+        default=4 << 30,
+        ge=1,
+        description="system shared memory: most bytes registered in all regions together; beyond it, 409",
+    )
+    max_shared_memory_regions: int = Field(
+        default=256, ge=1, description="system shared memory: most regions registered at once; beyond it, 409"
+    )
+    shared_memory_dir: str | None = Field(
+        default=None,
+        description="internal: the registry of shared-memory regions that every worker reads (set by the "
+        "supervisor; unset: a private one per process)",
+    )
     seq_lens: Annotated[tuple[int, ...], NoDecode] = Field(
         default=(196,), description="comma-separated sequence lengths to warm up (and capture CUDA graphs for)"
     )

@@ -19,6 +19,8 @@ from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFail
 from service.errors import (
     BodyTimeout,
     ClientDisconnected,
+    Conflict,
+    Forbidden,
     InvalidInput,
     NotFound,
     NotReady,
@@ -42,6 +44,8 @@ class ErrorSpec:
 ERRORS: dict[type[Exception], ErrorSpec] = {
     InvalidInput: ErrorSpec(422, "invalid_input", "invalid"),
     NotFound: ErrorSpec(404, "not_found", "invalid"),
+    Forbidden: ErrorSpec(403, "forbidden", "invalid"),
+    Conflict: ErrorSpec(409, "conflict", "invalid"),
     UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type", "invalid"),
     PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid", close=True),
     BodyTimeout: ErrorSpec(408, "request_timeout", "timeout", close=True),

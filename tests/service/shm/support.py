@@ -1,0 +1,53 @@
+"""Client-side shared-memory objects for the registry tests: created in /dev/shm, removed afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEV_SHM = Path("/dev/shm")
+
+
+class ShmObject:
+    """A POSIX shared-memory object as a client makes one (``shm_open`` + ``ftruncate``), mapped on our side."""
+
+    def __init__(self, size: int, key: str | None = None) -> None:
+        self.name = key or f"encoder-test-{secrets.token_hex(6)}"
+        self.key = "/" + self.name  # shm_open's spelling, as tritonclient passes it
+        self.path = DEV_SHM / self.name
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.size = size
+
+    def array(self, dtype: Any, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+        """A view of the object's bytes, as the client reads and writes them."""
+        return np.ndarray(shape, np.dtype(dtype), buffer=self.mapping, offset=offset)
+
+    def write(self, values: np.ndarray, offset: int = 0) -> None:
+        self.array(values.dtype, values.shape, offset)[...] = values
+
+    def destroy(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        with contextlib.suppress(BufferError):  # a test's view still alive: it goes with the view
+            self.mapping.close()
+
+
+def mapped_lines(path: Path) -> int:
+    """How many of this process's mappings are of ``path`` (/proc/self/maps)."""
+    text = Path("/proc/self/maps").read_text()
+    return sum(1 for line in text.splitlines() if line.split(maxsplit=5)[-1].startswith(str(path)))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
