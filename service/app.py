@@ -23,6 +23,8 @@ from service.batching.batcher import Batcher, BatcherConfig
 from service.engine.base import Engine
 from service.engine.factory import build_engine
 from service.metrics import Metrics
+from service.oip import rest as oip_rest
+from service.oip.stats import StatsObserver
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ async def bring_up(state: ServiceState, engine: Engine | None) -> None:
             engine = await asyncio.to_thread(build_engine, state.settings)
         config = batcher_config(state.settings, engine)
         # Behind a shared engine process this batcher forms worker batches; the engine process counts real ones.
-        observer = state.metrics.observer(engine.buckets, batches=state.settings.engine_socket is None)
+        metrics = state.metrics.observer(engine.buckets, batches=state.settings.engine_socket is None)
+        observer = StatsObserver(metrics, state.oip_stats)  # also the OIP statistics extension's executions
         batcher = Batcher(engine, config, observer=observer)
         await batcher.warm_up()
         batcher.start()
@@ -75,7 +78,8 @@ async def bring_up(state: ServiceState, engine: Engine | None) -> None:
 
 
 class EncoderApp(FastAPI):
-    """FastAPI, except that ``POST /encode`` goes straight to :func:`serving.encode`.
+    """FastAPI, except that ``POST /encode`` goes straight to :func:`serving.encode` (and the Open Inference
+    Protocol's ``POST /v2/models/<name>/infer`` to :func:`service.oip.rest.infer`).
 
     The hot route needs none of what FastAPI wraps around it: it takes the raw request, its state is fixed at
     creation, and ``serving.encode`` turns every error into its JSON answer itself. The middleware stack,
@@ -84,11 +88,19 @@ class EncoderApp(FastAPI):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/encode" and scope["method"] == "POST":
-            scope["app"] = self  # as Starlette sets it, for anything that reads request.app
-            response = await serving.encode(Request(scope, receive), self.state.service)
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path == "/encode":
+                scope["app"] = self  # as Starlette sets it, for anything that reads request.app
+                response = await serving.encode(Request(scope, receive), self.state.service)
+                await response(scope, receive, send)
+                return
+            target = oip_rest.infer_target(path)  # the OIP's POST /v2/models/<name>/infer: the same shortcut
+            if target is not None:
+                scope["app"] = self
+                response = await oip_rest.infer(Request(scope, receive), self.state.service, *target)
+                await response(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 
@@ -121,6 +133,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.service = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(oip_rest.router)
     return app
 
 

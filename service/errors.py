@@ -47,3 +47,9 @@ class Conflict(InvalidInput):
 class LimitExceeded(Conflict):
     """Granting the request would pass a configured limit (regions registered, bytes mapped); freeing some first
     (unregistering) resolves it, as with any conflict."""
+
+
+class BadRequest(InvalidInput):
+    """The request is malformed for its protocol (an Open Inference Protocol body that does not follow the
+    protocol, a feature this server does not offer): 400, where values the model cannot take are 422. A subclass
+    of InvalidInput so an adapter without its own entry still answers 4xx (gRPC: INVALID_ARGUMENT)."""

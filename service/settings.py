@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "ENCODER_"
 MIB = 1 << 20
+SHARED_MEMORY_KINDS = ("none", "system")
 
 
 class Settings(BaseSettings):
@@ -80,6 +81,17 @@ class Settings(BaseSettings):
         default="onnx", description="test-only: 'fake' serves service.engine.fake.FakeEngine (dim 8, no model)"
     )
     fake_delay_ms: float = Field(default=0.0, ge=0, description="test-only: the fake engine's time per batch")
+    model_name: str = Field(
+        default="encoder",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="the model's name in the Open Inference Protocol (/v2/models/<name>)",
+    )
+    shared_memory: str = Field(
+        default="none",
+        description="Open Inference Protocol shared-memory extensions: 'none' or a comma list of 'system'",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="log level")
     access_log: bool = Field(
         default=False,
@@ -100,6 +112,21 @@ class Settings(BaseSettings):
         if not value or min(value) < 1:
             raise ValueError("seq_lens must be positive integers")
         return value
+
+    @field_validator("shared_memory")
+    @classmethod
+    def _known_shared_memory(cls, value: str) -> str:
+        kinds = [part.strip().lower() for part in value.split(",") if part.strip()]
+        unknown = set(kinds) - set(SHARED_MEMORY_KINDS)
+        if not kinds or unknown or ("none" in kinds and len(kinds) > 1):
+            allowed = ", ".join(SHARED_MEMORY_KINDS[1:])
+            raise ValueError(f"shared_memory must be 'none' or a comma list of {allowed}; got {value!r}")
+        return ",".join(kinds)
+
+    @property
+    def shared_memory_kinds(self) -> frozenset[str]:
+        """The enabled shared-memory extensions ('system'); empty with 'none'."""
+        return frozenset(self.shared_memory.split(",")) - {"none"}
 
     @property
     def fake_delay_s(self) -> float:

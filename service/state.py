@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.batching.batcher import Batcher
 from service.engine.base import Engine
 from service.errors import NotReady
 from service.metrics import Metrics
+from service.oip.stats import ModelStats
+from service.oip.types import SharedMemory
 from service.settings import Settings
 
 
@@ -22,6 +24,8 @@ class ServiceState:
     draining: bool = False
     in_flight: int = 0  # inference requests admitted and not answered yet (bounds memory: see dataplane.admitted)
     load_error: str | None = None
+    oip_stats: ModelStats = field(default_factory=ModelStats)  # the OIP statistics extension (this worker)
+    shared_memory: SharedMemory | None = None  # the OIP shared-memory registry, when --shared-memory enables one
 
     def start_draining(self) -> None:
         """SIGTERM arrived: /readyz turns 503 (requests that still arrive are served)."""

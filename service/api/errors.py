@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFailed, Overloaded
 from service.errors import (
+    BadRequest,
     BodyTimeout,
     ClientDisconnected,
     Conflict,
@@ -43,6 +44,7 @@ class ErrorSpec:
 
 ERRORS: dict[type[Exception], ErrorSpec] = {
     InvalidInput: ErrorSpec(422, "invalid_input", "invalid"),
+    BadRequest: ErrorSpec(400, "bad_request", "invalid"),
     NotFound: ErrorSpec(404, "not_found", "invalid"),
     Forbidden: ErrorSpec(403, "forbidden", "invalid"),
     Conflict: ErrorSpec(409, "conflict", "invalid"),
