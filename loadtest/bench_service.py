@@ -4,7 +4,10 @@ Each server starts in turn as a subprocess on a free port with the same worker c
 processes (closed loop, single-sample S x D fp16 requests) and stopped. Servers: ``service`` (ours, raw
 bytes), ``json`` (ours, JSON bodies: the format's cost), ``echo`` (the I/O ceiling), ``naive`` (FastAPI +
 PyTorch eager, no batching), ``litserve`` (LitServe batching, the same onnxruntime session; skipped where
-LitServe is not installed). Saves JSON and prints a markdown table. On the GPU host, one command:
+LitServe is not installed), ``triton`` (a real Triton Inference Server on the same bundle, OIP loads only).
+``--protocols`` adds the Open Inference Protocol loads (HTTP binary tensors, gRPC, system shared memory, at
+each of ``--client-batches``) on the service and Triton; see ``loadtest/peers/oip_bench.py``. Saves JSON and
+prints markdown tables. On the GPU host, one command:
 
     python loadtest/bench_service.py --model-dir bundles/fp16 --workers 8 --concurrency 24,96,192
 
@@ -31,18 +34,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from loadtest.peers import litserve_server
+from loadtest.peers import litserve_server, oip_bench
 from loadtest.peers.launch import ServerFailed, ServerProcess, free_port
 from loadtest.peers.loadgen import drive, make_spec
 from loadtest.peers.scrape import Samples, batch_sizes, scrape, time_breakdown
+from loadtest.peers.triton.server import TritonUnavailable, check_stub, triton_home
 
 log = logging.getLogger("bench_service")
-SERVERS = ("service", "per-worker", "json", "echo", "naive", "litserve")
+SERVERS = ("service", "per-worker", "json", "echo", "naive", "litserve", "triton")
 # Which process serves each entry, and the body format its clients send.
 # ``per-worker`` is ours with an engine in every worker (``--shared-engine off``) instead of one engine process.
 PROCESS = {"service": "service", "per-worker": "per-worker", "json": "service", "echo": "echo", "naive": "naive"}
 PROCESS["litserve"] = "litserve"
+PROCESS["triton"] = "triton"
 FORMAT = {"service": "raw", "per-worker": "raw", "json": "json", "echo": "raw", "naive": "raw", "litserve": "litserve"}
+FORMAT["triton"] = "oip"
 OURS = ("service", "per-worker")
 
 
@@ -66,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, help="default loadtest/results/service-<card>-<date>.json")
     p.add_argument("--log-level", default="INFO")
+    oip_bench.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -101,7 +108,9 @@ def ensure_bundle(model_dir: Path, device: str) -> dict[str, Any]:
     return manifest
 
 
-def server_command(kind: str, args: argparse.Namespace, port: int) -> tuple[list[str], str, dict[str, str]]:
+def server_command(
+    kind: str, args: argparse.Namespace, port: int, grpc_port: int = 0, metrics_port: int = 0
+) -> tuple[list[str], str, dict[str, str]]:
     """(argv, readiness path, extra environment) for one server kind."""
     py, common = sys.executable, ["--host", "127.0.0.1", "--port", str(port)]
     if kind in OURS:
@@ -111,7 +120,7 @@ def server_command(kind: str, args: argparse.Namespace, port: int) -> tuple[list
         if args.device == "cpu":
             cmd += ["--provider", "cpu"]
         cmd += ["--shared-engine", "off" if kind == "per-worker" else "on"]
-        return cmd + args.service_arg, "/readyz", {}
+        return cmd + oip_bench.service_flags(args, grpc_port) + args.service_arg, "/readyz", {}
     if kind == "echo":
         return [py, "-m", "loadtest.peers.echo_server", *common, "--workers", str(args.workers)], "/readyz", {}
     if kind == "naive":
@@ -124,6 +133,8 @@ def server_command(kind: str, args: argparse.Namespace, port: int) -> tuple[list
         cmd += ["--workers-per-device", str(args.litserve_workers_per_device)]
         cmd += ["--max-batch-size", str(args.max_batch_size), "--batch-timeout-ms", str(args.max_delay_ms)]
         return cmd, litserve_server.READY_PATH, {}
+    if kind == "triton":
+        return (*oip_bench.triton_command(args, port, grpc_port, metrics_port), {})
     raise ValueError(kind)
 
 
@@ -148,7 +159,7 @@ def try_scrape(url: str) -> Samples | None:
 def measure(entry: str, server: ServerProcess, args: argparse.Namespace, dim: int, conc: int) -> dict[str, Any]:
     spec = make_spec(FORMAT[entry], server.url, args.seq, dim)
     ours = PROCESS[entry] in OURS
-    before = try_scrape(server.url) if ours else None
+    before, started = (try_scrape(server.url) if ours else None), time.time()
     profiler = None
     if ours and args.profile and conc == max(args.concurrencies):
         profile_path = args.out.with_name(f"{args.out.stem}-profile-{entry}-c{conc}.speedscope.json")
@@ -160,7 +171,8 @@ def measure(entry: str, server: ServerProcess, args: argparse.Namespace, dim: in
     after = try_scrape(server.url) if ours else None
     if before is not None and after is not None:
         point["server_batches"] = batch_sizes(before, after)
-        point["server_time"] = time_breakdown(before, after)
+        busy = oip_bench.service_busy(before, after, time.time() - started)
+        point["server_time"] = time_breakdown(before, after) | busy
     return {"server": entry, "format": FORMAT[entry], **point}
 
 
@@ -174,15 +186,23 @@ def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]
             skipped[kind] = "litserve is not installed on this host"
             log.warning("skipping litserve: %s", skipped[kind])
             continue
-        port = free_port()
-        command, ready, env = server_command(kind, args, port)
+        if kind == "triton" and (reason := triton_missing()):
+            skipped[kind] = reason
+            log.warning("skipping triton: %s", reason)
+            continue
+        port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+        command, ready, env = server_command(kind, args, port, grpc_port, metrics_port)
         log_path = args.out.with_name(f"{args.out.stem}-{kind}.log")
         server = ServerProcess(command, port, ready, log_path, env)
         server.start()
         try:
-            server.wait_ready(args.ready_timeout, consecutive=3 * args.workers)
+            server.wait_ready(args.ready_timeout, consecutive=1 if kind == "triton" else 3 * args.workers)
             for entry in entries:
-                for conc in args.concurrencies:
+                if entry in oip_bench.OIP_SERVERS:
+                    metrics = f"http://127.0.0.1:{metrics_port if kind == 'triton' else port}"
+                    http, grpc = f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
+                    results += oip_bench.oip_points(entry, http, grpc, metrics, args, args.references)
+                for conc in args.concurrencies if FORMAT[entry] != "oip" and wants_raw(entry, args) else ():
                     log.info("%s at concurrency %d for %.0f s", entry, conc, args.duration)
                     point = measure(entry, server, args, dim, conc)
                     results.append(point)
@@ -193,6 +213,19 @@ def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]
         finally:
             server.stop()
     return results, skipped
+
+
+def triton_missing() -> str | None:
+    try:
+        check_stub(triton_home())
+    except TritonUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def wants_raw(entry: str, args: argparse.Namespace) -> bool:
+    """The service's raw /encode load runs when --protocols names raw; every other server runs its own format."""
+    return entry not in OURS or "raw" in args.protocols.split(",")
 
 
 def summary_line(p: dict[str, Any]) -> str:
@@ -207,12 +240,13 @@ def markdown(results: list[dict[str, Any]]) -> str:
     by_key = {(r["server"], r["concurrency"]): r for r in results}
     lines = [
         "| server | format | concurrency | samples/s | p50 ms | p99 ms | errors | mean batch | vs echo samples/s | "
-        "p50 vs echo | vs naive |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "p50 vs echo | vs naive | engine busy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         echo, naive = by_key.get(("echo", r["concurrency"])), by_key.get(("naive", r["concurrency"]))
-        batch = (r.get("server_batches") or {}).get("mean_batch_size")
+        batch = (r.get("server_batches") or r.get("triton") or {}).get("mean_batch_size")
+        busy = (r.get("server_time") or {}).get("engine_busy_fraction")
 
         def ratio(a: float | None, b: float | None) -> str:
             return f"{a / b:.2f}×" if a and b else "-"
@@ -223,7 +257,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"{'-' if batch is None else f'{batch:.1f}'} | "
             f"{ratio(r['samples_per_s'], echo and echo['samples_per_s'])} | "
             f"{ratio(r['p50_ms'], echo and echo['p50_ms'])} | "
-            f"{ratio(r['samples_per_s'], naive and naive['samples_per_s'])} |"
+            f"{ratio(r['samples_per_s'], naive and naive['samples_per_s'])} | "
+            f"{'-' if busy is None else f'{busy:.0%}'} |"
         )
     return "\n".join(lines)
 
@@ -233,7 +268,7 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_key = {(r["server"], r["concurrency"]): r for r in results}
     checks = []
     for (server, conc), ours in by_key.items():
-        if server != "service":
+        if server != "service" or ours["format"] != "raw":
             continue
         check: dict[str, Any] = {"concurrency": conc}
         if echo := by_key.get(("echo", conc)):
@@ -256,11 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"unknown servers {unknown}; choose from {SERVERS}\n")
         return 2
     args.concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if problem := oip_bench.validate(args):
+        sys.stderr.write(problem + "\n")
+        return 2
     card = card_name(args.device)
     today = dt.date.today().isoformat()
     args.out = args.out or Path(f"loadtest/results/service-{slug(card)}-{today}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     manifest = ensure_bundle(args.model_dir, args.device)
+    args.references = oip_bench.References(args, manifest)
     started = time.time()
     results, skipped = run_servers(args, int(manifest["dims"]["dim"]))
     document = {
@@ -270,16 +309,19 @@ def main(argv: list[str] | None = None) -> int:
         "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": versions(),
         "bundle": {"dir": str(args.model_dir), "precision": manifest["precision"], "dims": manifest["dims"]},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model_dir", "server_list")},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model_dir", "server_list", "references")},
         "request": {"shape": [args.seq, int(manifest["dims"]["dim"])], "dtype": "float16", "samples": 1},
         "elapsed_s": round(time.time() - started, 1),
         "results": results,
         "targets": targets(results),
+        "oip_targets": oip_bench.oip_targets(results),
         "skipped": skipped,
     }
     args.out.write_text(json.dumps(document, indent=2, default=str) + "\n")
     print(f"\n{card}, {today}: {document['command']}\n")
     print(markdown(results))
+    if side_by_side := oip_bench.comparison(results):
+        print(f"\nservice vs Triton, same clients:\n\n{side_by_side}")
     for name, reason in skipped.items():
         print(f"\nskipped {name}: {reason}")
     print(f"\nsaved {args.out}")

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import Empty
 from typing import Any
@@ -64,6 +65,7 @@ class ClientReport:
     queue_ms: float = 0.0  # sums of the service's X-Queue-Time / X-Inference-Time headers, where present
     inference_ms: float = 0.0
     timed: int = 0
+    checks: dict[str, int] = field(default_factory=dict)  # answers whose values were checked, by kind
 
     def error(self, kind: str) -> None:
         self.errors += 1
@@ -152,14 +154,28 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def drive(spec: RequestSpec, concurrency: int, clients: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
-    """Run the closed loop; return samples/s, latency percentiles (ms) and error counts for the window."""
+ClientMain = Callable[[Any, int, tuple[float, float], Any], None]
+
+
+def drive(
+    spec: Any,
+    concurrency: int,
+    clients: int,
+    warmup_s: float,
+    duration_s: float,
+    client: ClientMain = _client_main,
+) -> dict[str, Any]:
+    """Run the closed loop; return samples/s, latency percentiles (ms) and error counts for the window.
+
+    ``client(spec, inflight, window, queue)`` is each process's body (the raw HTTP one by default; the OIP
+    clients bring theirs); it puts one :class:`ClientReport` on the queue.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     # Spawned processes take ~1 s to import; the window starts after that and the warm-up.
     start = time.time() + 2.0 + warmup_s
     window = (start, start + duration_s)
-    procs = [ctx.Process(target=_client_main, args=(spec, n, window, queue)) for n in split(concurrency, clients)]
+    procs = [ctx.Process(target=client, args=(spec, n, window, queue)) for n in split(concurrency, clients)]
     for proc in procs:
         proc.start()
     reports = []
@@ -184,6 +200,8 @@ def drive(spec: RequestSpec, concurrency: int, clients: int, warmup_s: float, du
         merged.timed += rep.timed
         for kind, count in rep.error_kinds.items():
             merged.error_kinds[kind] = merged.error_kinds.get(kind, 0) + count
+        for kind, count in rep.checks.items():
+            merged.checks[kind] = merged.checks.get(kind, 0) + count
         merged.errors += rep.errors
     lat = merged.latencies_ms
     result: dict[str, Any] = {
@@ -199,6 +217,8 @@ def drive(spec: RequestSpec, concurrency: int, clients: int, warmup_s: float, du
         "p99_ms": percentile(lat, 99),
         "mean_ms": float(np.mean(lat)) if lat else None,
     }
+    if merged.checks:
+        result["value_checks"] = merged.checks
     if merged.timed:
         result["server_queue_ms_mean"] = merged.queue_ms / merged.timed
         result["server_inference_ms_mean"] = merged.inference_ms / merged.timed

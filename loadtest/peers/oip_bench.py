@@ -1,0 +1,201 @@
+"""The Open Inference Protocol part of ``loadtest/bench_service.py``: OIP load on the service and on Triton.
+
+``--protocols raw,oip-http,grpc,shm-http,shm-grpc`` picks the loads; ``raw`` is the service's own ``/encode``
+(the existing clients), the others are tritonclient's clients (``oip_clients.py``) at every client batch of
+``--client-batches``. The ``triton`` server is a real Triton Inference Server serving the same bundle
+(``triton/``), driven by exactly the same clients. Answers are checked against a reference computed once per
+client batch: each sample run alone through the bundle's ONNX model by plain onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest.peers.loadgen import drive
+from loadtest.peers.oip_clients import PROTOCOLS, OipSpec, fixed_inputs, oip_client_main, reference_outputs
+from loadtest.peers.scrape import Samples, scrape
+from loadtest.peers.triton.server import READY_PATH as TRITON_READY
+
+log = logging.getLogger(__name__)
+OIP_SERVERS = ("service", "triton")  # the entries that speak the protocol
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocols", default="raw", help=f"loads: raw (the service's /encode) and {','.join(PROTOCOLS)}")
+    p.add_argument("--client-batches", default="1", help="samples per OIP request, e.g. 1,16,64")
+    p.add_argument("--batch-concurrency", help="in-flight requests for client batches > 1 (default --concurrency)")
+    p.add_argument("--triton-instances", type=int, default=2, help="Triton model instances (stub processes)")
+    p.add_argument("--triton-http-threads", type=int, default=0, help="tritonserver --http-thread-count (0: default)")
+    p.add_argument("--check-tolerance", type=float, default=2e-2, help="relative L2 error allowed per sample")
+
+
+def oip_protocols(args: argparse.Namespace) -> list[str]:
+    return [p for p in args.protocols.split(",") if p.strip() and p.strip() != "raw"]
+
+
+def validate(args: argparse.Namespace) -> str | None:
+    """A message if the OIP flags are wrong, else None (and the parsed lists set on ``args``)."""
+    wanted = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    unknown = sorted(set(wanted) - {"raw", *PROTOCOLS})
+    if unknown:
+        return f"unknown protocols {unknown}; choose from raw,{','.join(PROTOCOLS)}"
+    if "triton" in args.server_list and not oip_protocols(args):
+        return "--servers triton needs an OIP protocol in --protocols (raw is the service's own /encode)"
+    args.client_batch_list = [int(b) for b in args.client_batches.split(",") if b.strip()]
+    batch_conc = args.batch_concurrency or args.concurrency
+    args.batch_concurrencies = [int(c) for c in batch_conc.split(",") if c.strip()]
+    return None
+
+
+def service_flags(args: argparse.Namespace, grpc_port: int) -> list[str]:
+    """The service's extra flags for the OIP loads asked for (none for raw alone)."""
+    protocols = oip_protocols(args)
+    flags = []
+    if any(p in ("grpc", "shm-grpc") for p in protocols):
+        flags += ["--grpc-port", str(grpc_port)]
+    if any(p.startswith("shm") for p in protocols):
+        flags += ["--shared-memory", "system"]
+    return flags
+
+
+def triton_command(args: argparse.Namespace, http: int, grpc: int, metrics: int) -> tuple[list[str], str]:
+    cmd = [sys.executable, "-m", "loadtest.peers.triton.server", "--model-dir", str(args.model_dir)]
+    cmd += ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    cmd += ["--provider", args.device, "--instances", str(args.triton_instances)]
+    cmd += ["--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms)]
+    cmd += ["--http-threads", str(args.triton_http_threads)]
+    cmd += ["--workdir", str(args.out.with_name(f"{args.out.stem}-triton-repo"))]
+    return cmd, TRITON_READY
+
+
+class References:
+    """The fixed input and its reference answer per client batch, computed on first use."""
+
+    def __init__(self, args: argparse.Namespace, manifest: dict[str, Any]) -> None:
+        self.args = args
+        self.model_file = str(Path(args.model_dir) / manifest["model_file"])
+        self.engine_dtype = str(manifest["inputs"][0]["dtype"])
+        self.dim = int(manifest["dims"]["dim"])
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        if batch not in self.cache:
+            inputs = fixed_inputs(batch, self.args.seq, self.dim)
+            started = time.perf_counter()
+            expected = reference_outputs(self.model_file, inputs, self.engine_dtype, self.args.device)
+            log.info("reference for client batch %d: %.1f s", batch, time.perf_counter() - started)
+            self.cache[batch] = (inputs, expected)
+        return self.cache[batch]
+
+
+def _sum(samples: Samples, name: str) -> float:
+    """All label sets of one sample name (prometheus_client's parser names Triton's counters ``*_total``)."""
+    return sum(value for (sample, _), value in samples.items() if sample in (name, f"{name}_total"))
+
+
+def service_busy(before: Samples, after: Samples, wall_s: float) -> dict[str, Any]:
+    """Engine time between two scrapes of the service (encoder_inference_duration_seconds sums)."""
+    name = "encoder_inference_duration_seconds_sum"
+    busy = _sum(after, name) - _sum(before, name)
+    return {"engine_busy_s": busy, "wall_s": wall_s, "engine_busy_fraction": busy / wall_s if wall_s else None}
+
+
+def triton_stats(before: Samples, after: Samples, wall_s: float) -> dict[str, Any]:
+    """Triton's own counters between two scrapes: executions, samples per execution, per-request times."""
+
+    def delta(name: str) -> float:
+        return _sum(after, name) - _sum(before, name)
+
+    requests, executions = delta("nv_inference_request_success"), delta("nv_inference_exec_count")
+    samples = delta("nv_inference_count")
+    per_request = {
+        key: delta(f"nv_inference_{key}_duration_us") / requests / 1e3 if requests else None
+        for key in ("queue", "compute_input", "compute_infer", "compute_output")
+    }
+    return {
+        "executions": round(executions),
+        "mean_batch_size": samples / executions if executions else None,
+        "ms_per_request_mean": per_request,
+        "failures": round(_sum(after, "nv_inference_request_failure") - _sum(before, "nv_inference_request_failure")),
+        "wall_s": wall_s,
+    }
+
+
+def oip_points(
+    entry: str, http: str, grpc: str, metrics_url: str, args: argparse.Namespace, refs: References
+) -> list[dict[str, Any]]:
+    """Every (protocol, client batch, concurrency) point of the OIP loads on one running server."""
+    points = []
+    stats: Callable[[Samples, Samples, float], dict[str, Any]] = service_busy if entry == "service" else triton_stats
+    for protocol in oip_protocols(args):
+        for batch in args.client_batch_list:
+            inputs, expected = refs.get(batch)
+            spec = OipSpec(protocol, http, grpc, inputs, expected, tolerance=args.check_tolerance)
+            for conc in args.concurrencies if batch == 1 else args.batch_concurrencies:
+                log.info("%s %s x%d at concurrency %d for %.0f s", entry, protocol, batch, conc, args.duration)
+                before, started = _try_scrape(metrics_url), time.time()
+                point = drive(spec, conc, args.clients, args.warmup, args.duration, client=oip_client_main)
+                after, wall = _try_scrape(metrics_url), time.time() - started
+                if before is not None and after is not None:
+                    point["server_time" if entry == "service" else "triton"] = stats(before, after, wall)
+                head = {"server": entry, "format": label(protocol, batch), "protocol": protocol, "client_batch": batch}
+                points.append(head | point)
+                log.info("  %.0f samples/s, %d errors", point["samples_per_s"], point["errors"])
+    return points
+
+
+def label(protocol: str, batch: int) -> str:
+    return protocol if batch == 1 else f"{protocol} x{batch}"
+
+
+def _try_scrape(url: str) -> Samples | None:
+    try:
+        return scrape(url)
+    except (OSError, ValueError) as exc:
+        log.warning("could not read %s/metrics: %s", url, exc)
+        return None
+
+
+def comparison(results: list[dict[str, Any]]) -> str:
+    """Side by side: the service and Triton at every OIP point both ran."""
+    ours = {(r["format"], r["concurrency"]): r for r in results if r["server"] == "service" and "protocol" in r}
+    peer = {(r["format"], r["concurrency"]): r for r in results if r["server"] == "triton"}
+    lines = [
+        "| load | concurrency | service samples/s | p50 ms | p99 ms | Triton samples/s | p50 ms | p99 ms | "
+        "service / Triton |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key in [k for k in ours if k in peer]:
+        a, b = ours[key], peer[key]
+        ratio = f"{a['samples_per_s'] / b['samples_per_s']:.2f}×" if b["samples_per_s"] else "-"
+        lines.append(
+            f"| {key[0]} | {key[1]} | {a['samples_per_s']:,.0f} | {a['p50_ms'] or 0:.1f} | {a['p99_ms'] or 0:.1f} | "
+            f"{b['samples_per_s']:,.0f} | {b['p50_ms'] or 0:.1f} | {b['p99_ms'] or 0:.1f} | {ratio} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def oip_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 11's bars, from the service's points: best samples/s of each load against raw /encode's best."""
+
+    def best(fmt: str) -> float | None:
+        rates = [r["samples_per_s"] for r in results if r["server"] == "service" and r["format"] == fmt]
+        return max(rates) if rates else None
+
+    raw = best("raw")
+    found: dict[str, Any] = {"raw_best": raw}
+    for fmt, bar in (("grpc", 1.0), ("oip-http", 0.95), ("shm-grpc x16", 5.0), ("shm-http x16", 5.0)):
+        rate = best(fmt)
+        if rate is None:
+            continue
+        found[fmt] = {"best": rate, "vs_raw": rate / raw if raw else None, "bar_vs_raw": bar}
+        found[fmt]["meets"] = bool(raw and rate / raw >= bar and (not fmt.startswith("shm") or rate >= 60_000))
+    return found
