@@ -92,9 +92,9 @@ class Metrics:
         self._aggregate_lost = False
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("encoder_requests", "HTTP /encode requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter("encoder_requests", "inference requests by outcome", ["outcome"], registry=r)
         self.request_latency = Histogram(
-            "encoder_request_duration_seconds", "/encode latency to the answer", buckets=LATENCY_BUCKETS, registry=r
+            "encoder_request_duration_seconds", "inference latency to the answer", buckets=LATENCY_BUCKETS, registry=r
         )
         self.queue_wait = Histogram(
             "encoder_queue_wait_seconds", "a request chunk's wait for its batch", buckets=LATENCY_BUCKETS, registry=r

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from service.engine.fake import FakeEngine, fake_output
 from service.oip import rest
@@ -199,3 +199,42 @@ async def test_the_fastapi_route_answers_as_the_shortcut() -> None:
         schema = (await client.get("/openapi.json")).json()
     assert via_route.status_code == 200 and via_route.json() == via_shortcut.json()
     assert "/v2/models/{name}/infer" in schema["paths"] and "/v2/health/ready" in schema["paths"]
+
+
+def scope_for(headers: dict[str, str]) -> dict[str, Any]:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return {"type": "http", "method": "POST", "path": INFER, "headers": raw, "query_string": b"", "app": None}
+
+
+async def test_a_body_that_stalls_gets_408_and_a_client_that_leaves_is_dropped() -> None:
+    x = sample(7)
+    body = json_body(x)
+    engine = FakeEngine(dim=DIM, delay_s=0.5)
+    async with serving(engine, max_delay_ms=0) as (client, app):
+        state = app.state.service
+
+        async def stalled() -> dict[str, Any]:
+            await asyncio.sleep(30)
+            return {"type": "http.disconnect"}
+
+        headers = {"content-length": str(len(body)), "x-request-timeout-ms": "100"}
+        slow = await rest.infer(Request(scope_for(headers), stalled), state, "encoder", None)
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def leaves() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(0.1)  # the body arrived, then the client went away while the engine is busy
+            return {"type": "http.disconnect"}
+
+        busy = asyncio.ensure_future(client.post(INFER, content=json_body(sample(8))))
+        await eventually(lambda: len(engine.batches) == 1)
+        gone = await rest.infer(Request(scope_for({"content-length": str(len(body))}), leaves), state, "encoder", None)
+        assert (await busy).status_code == 200
+        text = (await client.get("/metrics")).text
+    assert slow.status_code == 408 and slow.headers["connection"] == "close"
+    assert b"deadline" in slow.body
+    assert gone.status_code == 499
+    assert engine.batch_sizes == [1]  # the request whose client left was never computed
+    assert metric(text, "encoder_requests_total", outcome="cancelled") == 1
+    assert metric(text, "encoder_dropped_requests_total", reason="cancelled") == 1
