@@ -152,21 +152,28 @@ def serve_one(settings: Settings, common: dict[str, Any], engine: Engine | None 
 
 @contextlib.contextmanager
 def worker_environment(settings: Settings) -> Iterator[None]:
-    """The workers' environment: settings as ``ENCODER_*`` variables and a fresh metrics directory.
+    """The workers' environment: settings as ``ENCODER_*`` variables, a fresh metrics directory and, with system
+    shared memory, a fresh registry directory.
 
-    Both are undone afterwards. A ``PROMETHEUS_MULTIPROC_DIR`` left pointing at the removed directory made any
+    All are undone afterwards. A ``PROMETHEUS_MULTIPROC_DIR`` left pointing at the removed directory made any
     later app in the same process (a test run, an embedding) fail every /metrics scrape with a 500.
     """
     saved = dict(os.environ)
     metrics_dir = tempfile.mkdtemp(prefix="encoder-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ.update(settings.to_env())
+    # The shared-memory registry every worker reads: a region registered through one serves them all.
+    shm_dir = tempfile.mkdtemp(prefix="encoder-shm-") if "system" in settings.shared_memory_kinds else None
+    if shm_dir is not None:
+        os.environ[ENV_PREFIX + "SHARED_MEMORY_DIR"] = shm_dir
     try:
         yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if shm_dir is not None:
+            shutil.rmtree(shm_dir, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

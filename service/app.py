@@ -24,8 +24,10 @@ from service.engine.base import Engine
 from service.engine.factory import build_engine
 from service.metrics import Metrics
 from service.oip import rest as oip_rest
+from service.oip import shm_rest
 from service.oip.stats import StatsObserver
 from service.settings import Settings
+from service.shm import SystemSharedMemory
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +106,23 @@ class EncoderApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def open_shared_memory(settings: Settings) -> SystemSharedMemory | None:
+    """The system shared-memory registry when ``--shared-memory`` enables it: the supervisor's directory with
+    several workers (every worker sees every region), a private one otherwise."""
+    if "system" not in settings.shared_memory_kinds:
+        return None
+    return SystemSharedMemory(
+        settings.shared_memory_dir, settings.max_shared_memory_regions, settings.max_shared_memory_bytes
+    )
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The ASGI app. ``engine`` is for tests (e.g. a FakeEngine); by default the lifespan builds an OnnxEngine."""
     state = ServiceState(settings=settings, metrics=Metrics())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.shared_memory = open_shared_memory(settings)
         loading = asyncio.create_task(bring_up(state, engine), name="encoder-load")
         if settings.workers > 1:
             # Workers share one listening socket and uvicorn accepts only after the lifespan started, so a worker
@@ -128,12 +141,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 # uvicorn already waited for in-flight requests; what is still queued gets its answer too.
                 await state.batcher.stop(drain_s=settings.graceful_timeout_s)
             state.metrics.close()
+            if isinstance(state.shared_memory, SystemSharedMemory):
+                state.shared_memory.close()
 
     app = EncoderApp(title="encoder-service", version="0.1.0", lifespan=lifespan)
     app.state.service = state
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip_rest.router)
+    app.include_router(shm_rest.router)
     return app
 
 

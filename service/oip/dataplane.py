@@ -148,17 +148,18 @@ async def _infer(
     tensor = the_input(request.inputs)
     wanted = requested_output(request)
     array = input_array(tensor, shm)
+    # An output region is resolved before computing: a bad one costs no engine time, and the view holds the
+    # mapping, so unregistering the region while this request computes cannot take its destination away.
+    target = None if wanted.shm is None else _shm(shm).output_array(wanted.shm, array.dtype, array.shape)
     deadline = request_deadline(deadline, request.timeout_ms, arrived)
     result = await dataplane.infer(engine, batcher, array, deadline)
     output = result.output if array.ndim == 3 else result.output[0]
-    wire = output.astype(array.dtype, copy=False)
-    out = OutputTensor(name=OUTPUT, datatype=tensor.datatype, shape=tuple(wire.shape), binary=wanted.binary)
-    if wanted.shm is not None:
-        view = _shm(shm).output_array(wanted.shm, wire.dtype, out.shape)
-        np.copyto(view, wire)
+    out = OutputTensor(name=OUTPUT, datatype=tensor.datatype, shape=tuple(output.shape), binary=wanted.binary)
+    if target is not None:
+        np.copyto(target, output, casting="same_kind")  # the answer has the input's shape; one pass, cast included
         out.shm = wanted.shm
     else:
-        out.data = wire
+        out.data = output.astype(array.dtype, copy=False)
     return InferResponse(
         model=request.model,
         version=MODEL_VERSION,
