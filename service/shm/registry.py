@@ -244,12 +244,14 @@ def _count(what: str, value: object, least: int) -> int:
 
 def _check_ref(ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
     """The tensor's own size against the reference's, before anything is looked up."""
-    _count("shared_memory_offset", ref.offset, 0)
-    _count("shared_memory_byte_size", ref.byte_size, 0)
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"shape {list(shape)} has a negative dimension")
+    if type(ref.offset) is not int or ref.offset < 0:  # exact types: bool is an int to Python, never to a client
+        raise InvalidInput(f"shared_memory_offset must be an integer of at least 0, got {ref.offset!r}")
+    if type(ref.byte_size) is not int or ref.byte_size < 0:
+        raise InvalidInput(f"shared_memory_byte_size must be an integer of at least 0, got {ref.byte_size!r}")
     expected = math.prod(shape) * dtype.itemsize  # Python ints: a huge shape cannot wrap around
-    if ref.byte_size != expected:
+    if ref.byte_size != expected or min(shape, default=0) < 0:
+        if min(shape, default=0) < 0:
+            raise InvalidInput(f"shape {list(shape)} has a negative dimension")
         raise InvalidInput(
             f"shared_memory_byte_size {ref.byte_size} does not match shape {list(shape)} x {dtype.name} "
             f"({expected} bytes)"
