@@ -43,6 +43,7 @@ class Answers:
     failed: dict[str, str] = field(default_factory=dict)
     refused: dict[str, int | None] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def case_input(datatype: str, batch: int, seq_len: int, dim: int) -> np.ndarray:
@@ -124,6 +125,7 @@ def run(url: str, model: str = "encoder", seq_len: int = 16) -> Answers:
         for name, call in bad_requests(client, model, dim).items():
             answers.refused[name] = status_of(call)
         answers.stats = client.get_inference_statistics(model)
+        answers.config = client.get_model_config(model)
     return answers
 
 

@@ -98,6 +98,27 @@ def model_metadata(state: ServiceState, name: str, version: str | None) -> dict[
     }
 
 
+def model_config(state: ServiceState, name: str, version: str | None) -> dict[str, Any]:
+    """Triton's model configuration (not part of KServe's protocol; perf_analyzer and Triton's tools read it).
+
+    Triton's convention: with ``max_batch_size`` > 0 the dims leave out the batch dimension, so (S, D) per sample.
+    Larger client batches are still served (split into engine batches), unlike Triton.
+    """
+    check_model(state.settings, name, version)
+    engine, batcher = state.ready_parts()
+    data_type = "TYPE_" + datatype_of(engine.dtype)
+    dims = [-1, engine.dim]
+    return {
+        "name": name,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "max_batch_size": batcher.config.max_batch_size,
+        "input": [{"name": INPUT, "data_type": data_type, "dims": dims}],
+        "output": [{"name": OUTPUT, "data_type": data_type, "dims": dims}],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(state.settings.max_delay_ms * 1000)},
+    }
+
+
 def model_stats(state: ServiceState, name: str | None, version: str | None) -> dict[str, Any]:
     """The statistics extension's answer; ``name`` None or empty: every model (this server has one)."""
     if name:

@@ -191,6 +191,13 @@ async def model_ready(name: str, state: State, version: str | None = None) -> Re
     return _health("ready", reason)
 
 
+@router.get("/models/{name}/config")
+@router.get("/models/{name}/versions/{version}/config")
+async def model_config(name: str, state: State, version: str | None = None) -> Response:
+    """Triton's model configuration (max_batch_size, dims per sample, dynamic batching), for Triton's tools."""
+    return _json(lambda: oip.model_config(state, name, version))
+
+
 @router.get("/models/{name}/stats", response_model=schemas.StatsBody)
 @router.get("/models/{name}/versions/{version}/stats", response_model=schemas.StatsBody)
 async def model_stats(name: str, state: State, version: str | None = None) -> Response:

@@ -48,6 +48,7 @@ def test_tritonclient_http_drives_the_service(
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, -1, DIM]}],
         "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, -1, DIM]}],
     }
+    assert answers.config["max_batch_size"] == 32 and answers.config["input"][0]["dims"] == [-1, DIM]
     assert not answers.failed
     assert len(answers.outputs) == 8  # FP16/FP32 x client batch 1/4 x JSON/binary
     for case, x in answers.inputs.items():

@@ -218,3 +218,14 @@ async def test_statistics_count_successes_failures_and_executions() -> None:
     assert stats["inference_count"] == 6 and stats["execution_count"] == 3  # one batch each; the failed one not
     assert sum(b["compute_infer"]["count"] for b in stats["batch_stats"]) == 3
     assert stats["last_inference"] > 0 and every["model_stats"][0]["name"] == "encoder"
+
+
+async def test_the_triton_model_config_describes_samples_and_the_batch_limit() -> None:
+    async with running(FakeEngine(dtype="float16"), max_batch_size=4, max_delay_ms=2) as state:
+        config = oip.model_config(state, "encoder", None)
+        with pytest.raises(NotFound):
+            oip.model_config(state, "encoder", "3")
+    assert config["max_batch_size"] == 4 and config["platform"] == "onnxruntime_onnx"
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP16", "dims": [-1, DIM]}]
+    assert config["output"][0]["name"] == "output"
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 2000}

@@ -65,10 +65,12 @@ async def test_health_metadata_and_readiness_follow_warm_up() -> None:
         assert (await client.get("/v2/models/encoder/versions/1/ready")).status_code == 200
         server = (await client.get("/v2")).json()
         model = await client.get("/v2/models/encoder")
+        config = await client.get("/v2/models/encoder/versions/1/config")
         unknown = await client.get("/v2/models/bert/ready")
         versioned = await client.get("/v2/models/encoder/versions/7")
     assert server["extensions"] == ["binary_tensor_data", "statistics"] and server["name"] == "encoder-service"
     assert model.json()["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, -1, DIM]}]
+    assert config.json()["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [-1, DIM]}]
     assert unknown.status_code == 404 and "bert" in unknown.json()["error"]
     assert versioned.status_code == 404 and set(versioned.json()) == {"error"}
 
