@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -38,7 +39,7 @@ from loadtest.peers import litserve_server, oip_bench
 from loadtest.peers.launch import ServerFailed, ServerProcess, free_port
 from loadtest.peers.loadgen import drive, make_spec
 from loadtest.peers.scrape import Samples, batch_sizes, scrape, time_breakdown
-from loadtest.peers.triton.server import TritonUnavailable, check_stub, triton_home
+from loadtest.peers.triton import server as triton_server
 
 log = logging.getLogger("bench_service")
 SERVERS = ("service", "per-worker", "json", "echo", "naive", "litserve", "triton")
@@ -50,6 +51,7 @@ PROCESS["triton"] = "triton"
 FORMAT = {"service": "raw", "per-worker": "raw", "json": "json", "echo": "raw", "naive": "raw", "litserve": "litserve"}
 FORMAT["triton"] = "oip"
 OURS = ("service", "per-worker")
+NOT_SETTINGS = ("out", "model_dir", "server_list", "references", "service_help")  # not flags, or not JSON
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -159,6 +161,8 @@ def try_scrape(url: str) -> Samples | None:
 def measure(entry: str, server: ServerProcess, args: argparse.Namespace, dim: int, conc: int) -> dict[str, Any]:
     spec = make_spec(FORMAT[entry], server.url, args.seq, dim)
     ours = PROCESS[entry] in OURS
+    if ours and FORMAT[entry] == "raw":  # answers checked against the reference, not only their length
+        spec = dataclasses.replace(spec, check=args.references.raw_check())
     before, started = (try_scrape(server.url) if ours else None), time.time()
     profiler = None
     if ours and args.profile and conc == max(args.concurrencies):
@@ -186,7 +190,7 @@ def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]
             skipped[kind] = "litserve is not installed on this host"
             log.warning("skipping litserve: %s", skipped[kind])
             continue
-        if kind == "triton" and (reason := triton_missing()):
+        if kind == "triton" and (reason := triton_server.unavailable()):
             skipped[kind] = reason
             log.warning("skipping triton: %s", reason)
             continue
@@ -198,29 +202,25 @@ def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]
         try:
             server.wait_ready(args.ready_timeout, consecutive=1 if kind == "triton" else 3 * args.workers)
             for entry in entries:
-                if entry in oip_bench.OIP_SERVERS:
-                    metrics = f"http://127.0.0.1:{metrics_port if kind == 'triton' else port}"
-                    http, grpc = f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
-                    results += oip_bench.oip_points(entry, http, grpc, metrics, args, args.references)
                 for conc in args.concurrencies if FORMAT[entry] != "oip" and wants_raw(entry, args) else ():
                     log.info("%s at concurrency %d for %.0f s", entry, conc, args.duration)
                     point = measure(entry, server, args, dim, conc)
                     results.append(point)
                     log.info("  %s", summary_line(point))
+                if entry in oip_bench.OIP_SERVERS:
+                    metrics = f"http://127.0.0.1:{metrics_port if kind == 'triton' else port}"
+                    http, grpc = f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
+                    results += oip_bench.oip_points(entry, (http, grpc, metrics), args, skipped)
         except ServerFailed as exc:
             skipped[kind] = str(exc).splitlines()[0]
             log.error("%s failed: %s", kind, exc)
+        except KeyboardInterrupt:  # a time budget ran out (SIGINT): keep and save what was measured
+            skipped["interrupted"] = f"stopped during {kind}; later points were not measured"
+            log.error("interrupted during %s: saving the points measured so far", kind)
+            break
         finally:
             server.stop()
     return results, skipped
-
-
-def triton_missing() -> str | None:
-    try:
-        check_stub(triton_home())
-    except TritonUnavailable as exc:
-        return str(exc)
-    return None
 
 
 def wants_raw(entry: str, args: argparse.Namespace) -> bool:
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": versions(),
         "bundle": {"dir": str(args.model_dir), "precision": manifest["precision"], "dims": manifest["dims"]},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model_dir", "server_list", "references")},
+        "settings": {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
         "request": {"shape": [args.seq, int(manifest["dims"]["dim"])], "dtype": "float16", "samples": 1},
         "elapsed_s": round(time.time() - started, 1),
         "results": results,
@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nservice vs Triton, same clients:\n\n{side_by_side}")
     for name, reason in skipped.items():
         print(f"\nskipped {name}: {reason}")
+    for r in (r for r in results if r["errors"]):
+        print(f"\nerrors in {r['server']} {r['format']} at {r['concurrency']}: {r['error_kinds']}")
     print(f"\nsaved {args.out}")
     failed = sum(r["errors"] for r in results)
     return 1 if failed or not results else 0

@@ -35,6 +35,7 @@ class RequestSpec:
     expect_len: int | None = None  # exact answer length (raw), else only the prefix is checked
     expect_prefix: bytes = b""
     samples: int = 1
+    check: Any = None  # optional picklable callable: answer body -> a problem, or None (a value check)
 
 
 def make_spec(fmt: str, base_url: str, seq: int, dim: int, seed: int = 0) -> RequestSpec:
@@ -79,7 +80,7 @@ def _good(spec: RequestSpec, status: int, body: bytes) -> str | None:
         return "wrong length"
     if not body.startswith(spec.expect_prefix):
         return "bad body"
-    return None
+    return spec.check(body) if spec.check is not None else None
 
 
 async def _loop(spec: RequestSpec, inflight: int, window: tuple[float, float]) -> ClientReport:
@@ -96,6 +97,8 @@ async def _loop(spec: RequestSpec, inflight: int, window: tuple[float, float]) -
             return
         report.ok += 1
         report.latencies_ms.append((done - sent) * 1e3)
+        if spec.check is not None:
+            report.checks["values_rows"] = report.checks.get("values_rows", 0) + 1
         if "x-queue-time" in headers:
             report.queue_ms += float(headers["x-queue-time"]) * 1e3
             report.inference_ms += float(headers.get("x-inference-time", 0.0)) * 1e3

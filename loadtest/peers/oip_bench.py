@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from loadtest.peers.launch import REPO_ROOT, child_env
 from loadtest.peers.loadgen import drive
-from loadtest.peers.oip_clients import PROTOCOLS, OipSpec, fixed_inputs, oip_client_main, reference_outputs
-from loadtest.peers.scrape import Samples, scrape
+from loadtest.peers.oip_clients import (
+    PROTOCOLS,
+    OipSpec,
+    RawAnswerCheck,
+    fixed_inputs,
+    oip_client_main,
+    reference_outputs,
+)
+from loadtest.peers.scrape import Samples, batch_sizes, scrape, time_breakdown
 from loadtest.peers.triton.server import READY_PATH as TRITON_READY
 
 log = logging.getLogger(__name__)
@@ -31,7 +39,11 @@ OIP_SERVERS = ("service", "triton")  # the entries that speak the protocol
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocols", default="raw", help=f"loads: raw (the service's /encode) and {','.join(PROTOCOLS)}")
     p.add_argument("--client-batches", default="1", help="samples per OIP request, e.g. 1,16,64")
-    p.add_argument("--batch-concurrency", help="in-flight requests for client batches > 1 (default --concurrency)")
+    p.add_argument(
+        "--batch-inflight-samples",
+        help="samples in flight for client batches > 1, e.g. 192,768: requests in flight = samples / batch "
+        "(default: --concurrency, as samples)",
+    )
     p.add_argument("--triton-instances", type=int, default=2, help="Triton model instances (stub processes)")
     p.add_argument("--triton-http-threads", type=int, default=0, help="tritonserver --http-thread-count (0: default)")
     p.add_argument("--check-tolerance", type=float, default=2e-2, help="relative L2 error allowed per sample")
@@ -50,14 +62,36 @@ def validate(args: argparse.Namespace) -> str | None:
     if "triton" in args.server_list and not oip_protocols(args):
         return "--servers triton needs an OIP protocol in --protocols (raw is the service's own /encode)"
     args.client_batch_list = [int(b) for b in args.client_batches.split(",") if b.strip()]
-    batch_conc = args.batch_concurrency or args.concurrency
-    args.batch_concurrencies = [int(c) for c in batch_conc.split(",") if c.strip()]
+    samples = args.batch_inflight_samples or args.concurrency
+    args.batch_inflight = [int(c) for c in samples.split(",") if c.strip()]
     return None
+
+
+def concurrencies(args: argparse.Namespace, batch: int) -> list[int]:
+    """In-flight requests at one client batch: --concurrency for single samples, else the same samples in
+    flight as --batch-inflight-samples says (so batch 16 and batch 64 put the GPU under the same load)."""
+    if batch == 1:
+        return list(args.concurrencies)
+    return list(dict.fromkeys(max(1, samples // batch) for samples in args.batch_inflight))
+
+
+# The service flags each OIP load needs; a service without them skips that load (Triton still runs it).
+NEEDS = {"oip-http": (), "grpc": ("--grpc-port",), "shm-grpc": ("--grpc-port", "--shared-memory")}
+NEEDS["shm-http"] = ("--shared-memory",)
+
+
+def service_protocols(args: argparse.Namespace) -> list[str]:
+    """The OIP loads asked for that this checkout's service has the flags for (read once from its --help)."""
+    if getattr(args, "service_help", None) is None:
+        command = [sys.executable, "-m", "service", "--help"]
+        found = subprocess.run(command, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+        args.service_help = found.stdout
+    return [p for p in oip_protocols(args) if all(flag in args.service_help for flag in NEEDS[p])]
 
 
 def service_flags(args: argparse.Namespace, grpc_port: int) -> list[str]:
     """The service's extra flags for the OIP loads asked for (none for raw alone)."""
-    protocols = oip_protocols(args)
+    protocols = service_protocols(args)
     flags = []
     if any(p in ("grpc", "shm-grpc") for p in protocols):
         flags += ["--grpc-port", str(grpc_port)]
@@ -72,7 +106,6 @@ def triton_command(args: argparse.Namespace, http: int, grpc: int, metrics: int)
     cmd += ["--provider", args.device, "--instances", str(args.triton_instances)]
     cmd += ["--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms)]
     cmd += ["--http-threads", str(args.triton_http_threads)]
-    cmd += ["--workdir", str(args.out.with_name(f"{args.out.stem}-triton-repo"))]
     return cmd, TRITON_READY
 
 
@@ -94,6 +127,10 @@ class References:
             log.info("reference for client batch %d: %.1f s", batch, time.perf_counter() - started)
             self.cache[batch] = (inputs, expected)
         return self.cache[batch]
+
+    def raw_check(self) -> RawAnswerCheck:
+        """For the service's raw /encode load, whose one sample is sample 0 of the fixed input."""
+        return RawAnswerCheck(self.get(1)[1][0], self.args.check_tolerance)
 
 
 def _sum(samples: Samples, name: str) -> float:
@@ -130,26 +167,42 @@ def triton_stats(before: Samples, after: Samples, wall_s: float) -> dict[str, An
 
 
 def oip_points(
-    entry: str, http: str, grpc: str, metrics_url: str, args: argparse.Namespace, refs: References
+    entry: str, urls: tuple[str, str, str], args: argparse.Namespace, skipped: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """Every (protocol, client batch, concurrency) point of the OIP loads on one running server."""
+    """Every (protocol, client batch, concurrency) point of the OIP loads on one running server.
+
+    ``urls``: (HTTP host:port, gRPC host:port, metrics base URL); loads the service cannot serve go to ``skipped``.
+    """
+    http, grpc, metrics_url = urls
+    refs: References = args.references
     points = []
-    stats: Callable[[Samples, Samples, float], dict[str, Any]] = service_busy if entry == "service" else triton_stats
-    for protocol in oip_protocols(args):
+    protocols = oip_protocols(args) if entry == "triton" else service_protocols(args)
+    for missing in [p for p in oip_protocols(args) if p not in protocols]:
+        skipped[f"{entry} {missing}"] = f"this service has no {' / '.join(NEEDS[missing])} flag"
+        log.warning("skipping %s %s: %s", entry, missing, skipped[f"{entry} {missing}"])
+    for protocol in protocols:
         for batch in args.client_batch_list:
             inputs, expected = refs.get(batch)
             spec = OipSpec(protocol, http, grpc, inputs, expected, tolerance=args.check_tolerance)
-            for conc in args.concurrencies if batch == 1 else args.batch_concurrencies:
+            for conc in concurrencies(args, batch):
                 log.info("%s %s x%d at concurrency %d for %.0f s", entry, protocol, batch, conc, args.duration)
                 before, started = _try_scrape(metrics_url), time.time()
                 point = drive(spec, conc, args.clients, args.warmup, args.duration, client=oip_client_main)
                 after, wall = _try_scrape(metrics_url), time.time() - started
                 if before is not None and after is not None:
-                    point["server_time" if entry == "service" else "triton"] = stats(before, after, wall)
+                    point |= server_stats(entry, before, after, wall)
                 head = {"server": entry, "format": label(protocol, batch), "protocol": protocol, "client_batch": batch}
                 points.append(head | point)
                 log.info("  %.0f samples/s, %d errors", point["samples_per_s"], point["errors"])
     return points
+
+
+def server_stats(entry: str, before: Samples, after: Samples, wall_s: float) -> dict[str, Any]:
+    """What the server's own metrics say about one point: batches formed, where the time went."""
+    if entry == "triton":
+        return {"triton": triton_stats(before, after, wall_s)}
+    busy = service_busy(before, after, wall_s)
+    return {"server_batches": batch_sizes(before, after), "server_time": time_breakdown(before, after) | busy}
 
 
 def label(protocol: str, batch: int) -> str:

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from loadtest.peers import oip_bench
-from loadtest.peers.oip_clients import AnswerCheck, OipSpec, declared_bytes, fixed_inputs, reference_outputs
+from loadtest.peers.oip_clients import (
+    AnswerCheck,
+    OipSpec,
+    RawAnswerCheck,
+    declared_bytes,
+    fixed_inputs,
+    reference_outputs,
+)
 
 
 def spec_for(batch: int = 2, seq: int = 8, dim: int = 16, tolerance: float = 1e-2, full_every: int = 3) -> OipSpec:
@@ -89,18 +96,36 @@ def args_for(**overrides: object) -> argparse.Namespace:
 
 
 def test_validate_parses_lists_and_refuses_unknown_protocols_and_triton_without_oip() -> None:
-    args = args_for(protocols="raw,grpc,shm-http", client_batches="1,16", batch_concurrency="8")
+    args = args_for(protocols="raw,grpc,shm-http", client_batches="1,16", batch_inflight_samples="8,64,768")
     assert oip_bench.validate(args) is None
-    assert args.client_batch_list == [1, 16] and args.batch_concurrencies == [8]
+    args.concurrencies = [2, 4]
+    assert args.client_batch_list == [1, 16]
+    assert oip_bench.concurrencies(args, 1) == [2, 4]
+    assert oip_bench.concurrencies(args, 16) == [1, 4, 48]  # the same samples in flight, at least one request
+    assert oip_bench.concurrencies(args, 64) == [1, 12]
     assert oip_bench.oip_protocols(args) == ["grpc", "shm-http"]
+    args.service_help = "usage: ... --grpc-port GRPC_PORT ... --shared-memory {off,system}"
     assert oip_bench.service_flags(args, 9001) == ["--grpc-port", "9001", "--shared-memory", "system"]
+    args.service_help = "usage: ... --shared-memory {off,system}"  # a service without gRPC: those loads skip
+    assert oip_bench.service_protocols(args) == ["shm-http"]
+    assert oip_bench.service_flags(args, 9001) == ["--shared-memory", "system"]
     assert "unknown" in (oip_bench.validate(args_for(protocols="raw,carrier-pigeon")) or "")
     assert "triton" in (oip_bench.validate(args_for(server_list=["triton"])) or "")
-    assert oip_bench.service_flags(args_for(), 9001) == []
+    assert oip_bench.service_flags(args_for(service_help=""), 9001) == []
 
 
 def point(server: str, fmt: str, conc: int, rate: float) -> dict[str, object]:
     return {"server": server, "format": fmt, "concurrency": conc, "samples_per_s": rate, "p50_ms": 1.0, "p99_ms": 2.0}
+
+
+def test_raw_check_takes_the_reference_answer_and_refuses_another() -> None:
+    expected = fixed_inputs(1, 8, 16)[0].astype(np.float32) * 3.0
+    check = RawAnswerCheck(expected, 1e-2)
+    assert check(expected.astype("<f2").tobytes()) is None
+    assert "rel L2" in (check((expected * 1.1).astype("<f2").tobytes()) or "")
+    nan = expected.astype("<f2")
+    nan[0, 0] = np.nan
+    assert "non-finite" in (check(nan.tobytes()) or "")
 
 
 def test_targets_and_side_by_side_table() -> None:

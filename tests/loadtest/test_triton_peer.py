@@ -17,19 +17,10 @@ import pytest
 from loadtest.peers.launch import free_port, running
 from loadtest.peers.loadgen import drive
 from loadtest.peers.oip_clients import OipSpec, fixed_inputs, oip_client_main, reference_outputs
-from loadtest.peers.triton.server import READY_PATH, TritonUnavailable, check_stub, triton_home
+from loadtest.peers.triton.server import READY_PATH, unavailable
 from tests.service.server_support import REPO, clean_env
 
-
-def triton_missing() -> str | None:
-    try:
-        check_stub(triton_home())
-    except TritonUnavailable as exc:
-        return str(exc)
-    return None
-
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(triton_missing()), reason=str(triton_missing()))]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(unavailable()), reason=str(unavailable()))]
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,15 @@ def check_stub(home: Path) -> None:
         raise TritonUnavailable(f"the Python-backend stub cannot load {', '.join(missing)} on this host")
 
 
+def unavailable() -> str | None:
+    """Why a Triton peer cannot run here (no binary, no stub for this Python, a library the stub lacks), or None."""
+    try:
+        check_stub(triton_home())
+    except TritonUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def command(home: Path, repo: Path, backends: Path, args: argparse.Namespace) -> list[str]:
     argv = [str(home / "bin" / "tritonserver"), f"--model-repository={repo}", f"--backend-directory={backends}"]
     argv += [f"--http-port={args.http_port}", f"--grpc-port={args.grpc_port}", f"--metrics-port={args.metrics_port}"]
