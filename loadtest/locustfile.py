@@ -1,4 +1,5 @@
-"""Locust scenarios for /encode: .npy, raw and JSON users, a realistic mix of shapes, and answers checked.
+"""Locust scenarios for /encode and the Open Inference Protocol: .npy, raw, JSON and OIP binary-tensor users,
+a realistic mix of shapes, and answers checked.
 
 Each request is checked for status and shape; a sample of them (``ENCODER_CHECK_FRACTION``, default 0.05)
 also for values. Inputs are deterministic (one seeded sample per (seq, seed)), so the same sample is sent
@@ -8,7 +9,10 @@ whatever batch the server put it in. With ``ENCODER_CHECK_TORCH=1`` (and torch i
 must be the built-in default model) the sketches are computed up front with PyTorch instead, so even first
 answers are checked against an independent reference.
 
-Requests are named ``encode <format> bs=<client batch size>`` so locust's stats split by both. The load
+The OIP user posts to ``/v2/models/<LOCUST_OIP_MODEL, default encoder>/infer`` with the binary tensor
+extension (a JSON header, ``Inference-Header-Content-Length``, then the raw FP16 tensor) and reads the answer
+the same way, checking the declared ``binary_data_size``. Requests are named ``encode <format> bs=<client batch
+size>`` so locust's stats split by both. The load
 steps up through ``LOCUST_STEPS`` users (default 4,8,16), ``LOCUST_STEP_SECONDS`` each (default 20). Users
 run a closed loop by default; ``LOCUST_USER_RPS`` paces each one at that many requests per second instead, so
 users x rate is an offered load that does not shrink when the server answers slowly or refuses (soak tests).
@@ -145,6 +149,8 @@ class EncoderUser(FastHttpUser):
     network_timeout = 120.0
     connection_timeout = 30.0
     batch_sizes = env_weights("LOCUST_BATCH_SIZES", "1:8,8:3,32:1")
+    path = "/encode"
+    bare_single = True  # whether bs=1 may go as a bare (S, D) sample
 
     def on_start(self) -> None:
         self.ref = reference(self.host or "")
@@ -167,10 +173,10 @@ class EncoderUser(FastHttpUser):
         seeds = [first + i for i in range(bs)]
         # bs=1 goes as a bare (S, D) half of the time: both request ranks are part of the API.
         x = np.stack([ref.sample(seq, s) for s in seeds])
-        sent = x[0] if bs == 1 and self.rng.random() < 0.5 else x
+        sent = x[0] if bs == 1 and self.bare_single and self.rng.random() < 0.5 else x
         data, headers = self.body(sent)
         name = f"encode {self.fmt} bs={bs}"
-        with self.client.post("/encode", data=data, headers=headers, name=name, catch_response=True) as resp:
+        with self.client.post(self.path, data=data, headers=headers, name=name, catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
                 return
@@ -238,6 +244,39 @@ class JsonUser(EncoderUser):
         if list(out.shape) != document["shape"]:
             raise ValueError(f"'shape' {document['shape']} does not match the outputs {list(out.shape)}")
         return out
+
+
+class OipUser(EncoderUser):
+    """Open Inference Protocol v2 with binary tensors, as tritonclient sends them: the body is a JSON header
+    (its length in ``Inference-Header-Content-Length``) followed by the raw FP16 tensor; so is the answer."""
+
+    weight = 3
+    fmt = "oip"
+    path = f"/v2/models/{os.environ.get('LOCUST_OIP_MODEL', 'encoder')}/infer"
+    bare_single = False  # the protocol's tensors carry their batch dimension
+
+    def body(self, x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+        tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP16"}
+        header = {
+            "inputs": [tensor | {"parameters": {"binary_data_size": x.nbytes}}],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+        head = orjson.dumps(header)
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+        return head + x.tobytes(), headers
+
+    def decode(self, response: Any) -> np.ndarray:
+        size = int(response.headers["Inference-Header-Content-Length"])
+        content = response.content
+        header = orjson.loads(content[:size])
+        (output,) = header["outputs"]
+        if output["name"] != "output" or output["datatype"] != "FP16":
+            raise ValueError(f"answer tensor {output['name']!r} {output['datatype']}, expected 'output' FP16")
+        declared = output.get("parameters", {}).get("binary_data_size")
+        data = content[size:]
+        if declared != len(data) or len(data) != 2 * int(np.prod(output["shape"])):
+            raise ValueError(f"binary_data_size {declared}, {len(data)} bytes, shape {output['shape']}")
+        return np.frombuffer(data, dtype="<f2").reshape(output["shape"])
 
 
 class StepLoadShape(LoadTestShape):

@@ -31,6 +31,7 @@ def test_locust_run_steps_up_without_failures(small_bundle: Path, tmp_path: Path
     assert [step["users"] for step in summary["per_step"]] == [2, 4]
     assert all(step["samples_per_s"] > 0 for step in summary["per_step"])
     assert {v["batch_size"] for v in summary["per_request_name"].values()} >= {1, 8}
+    assert any(name.startswith("encode oip ") for name in summary["per_request_name"])  # the OIP binary user
     formed = summary["server_batches"]
     assert formed["batches"] > 0 and formed["samples"] >= summary["requests"]
     for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv"):
