@@ -90,10 +90,11 @@ def service_protocols(args: argparse.Namespace) -> list[str]:
 
 
 def service_flags(args: argparse.Namespace, grpc_port: int) -> list[str]:
-    """The service's extra flags for the OIP loads asked for (none for raw alone)."""
+    """The service's extra flags: a free gRPC port wherever it has gRPC (never its default 8001, which another
+    server on the host may hold), shared memory for the loads that use it."""
     protocols = service_protocols(args)
     flags = []
-    if any(p in ("grpc", "shm-grpc") for p in protocols):
+    if "--grpc-port" in args.service_help:
         flags += ["--grpc-port", str(grpc_port)]
     if any(p.startswith("shm") for p in protocols):
         flags += ["--shared-memory", "system"]

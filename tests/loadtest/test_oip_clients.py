@@ -109,6 +109,8 @@ def test_validate_parses_lists_and_refuses_unknown_protocols_and_triton_without_
     args.service_help = "usage: ... --shared-memory {off,system}"  # a service without gRPC: those loads skip
     assert oip_bench.service_protocols(args) == ["shm-http"]
     assert oip_bench.service_flags(args, 9001) == ["--shared-memory", "system"]
+    raw_only = args_for(service_help="--grpc-port GRPC_PORT --shared-memory")
+    assert oip_bench.service_flags(raw_only, 9001) == ["--grpc-port", "9001"]  # never the default port
     assert "unknown" in (oip_bench.validate(args_for(protocols="raw,carrier-pigeon")) or "")
     assert "triton" in (oip_bench.validate(args_for(server_list=["triton"])) or "")
     assert oip_bench.service_flags(args_for(service_help=""), 9001) == []
