@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # GPU image: onnxruntime-gpu 1.31 (CUDA 13, cuDNN 9) behind FastAPI/uvicorn.
 # Build:  docker build -t encoder-service .
-# Run:    docker run --gpus all -p 8000:8000 -v encoder-models:/models encoder-service
+# Run:    docker run --gpus all -p 8000:8000 -p 8001:8001 -v encoder-models:/models encoder-service
 # With no bundle in ENCODER_MODEL_DIR the service converts the built-in default model into /models once
 # (fp16 on a GPU); the TensorRT engine and timing caches live inside the bundle, on the same volume.
 
@@ -40,7 +40,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/encoder
 VOLUME ["/models"]
-EXPOSE 8000
+EXPOSE 8000 8001
 # Ready only after the session is built and every batch bucket is warmed (first start converts: allow time).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8000/readyz"]

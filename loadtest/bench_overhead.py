@@ -66,6 +66,7 @@ def serve_noop(port: int, log_level: str, engine_process: bool = False) -> None:
     from service.settings import Settings
 
     settings = Settings(port=port, host="127.0.0.1", max_delay_ms=0, engine="fake", log_level=log_level)  # type: ignore[arg-type]
+    settings = settings.model_copy(update={"grpc_port": 0})  # HTTP only: what this benchmark compares
     if not engine_process:
         serve_one(settings, uvicorn_options(settings), NoopEngine())
         return

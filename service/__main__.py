@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("service")
 _FLAG_TYPES: dict[str, Any] = {
     "port": int,
+    "grpc_port": int,
     "model_dir": Path,
     "max_batch_size": int,
     "max_delay_ms": float,

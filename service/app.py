@@ -25,6 +25,7 @@ from service.engine.factory import build_engine
 from service.metrics import Metrics
 from service.oip import rest as oip_rest
 from service.oip import shm_rest
+from service.oip.grpc_server import start_grpc
 from service.oip.stats import StatsObserver
 from service.settings import Settings
 from service.shm import SystemSharedMemory
@@ -131,9 +132,17 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             if state.load_error is not None:
                 raise RuntimeError(f"worker cannot serve: {state.load_error}")
         try:
+            grpc_server = await start_grpc(state)  # a port that cannot be bound fails the start, loudly
+        except BaseException:
+            loading.cancel()
+            raise
+        try:
             yield
         finally:
             state.draining = True
+            if grpc_server is not None:
+                # After uvicorn finished its HTTP requests: gRPC calls in flight get the same grace.
+                await grpc_server.stop(settings.graceful_timeout_s)
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
 
     host: str = Field(default="0.0.0.0", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    grpc_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="gRPC port of the Open Inference Protocol (inference.GRPCInferenceService); 0 turns it off",
+    )
     model_dir: Path | None = Field(default=None, description="bundle directory; unset: the built-in default model")
     provider: Literal["auto", "tensorrt", "cuda", "cpu"] = Field(default="auto", description="onnxruntime provider")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="most samples in one engine batch")

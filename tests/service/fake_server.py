@@ -16,7 +16,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay-s", type=float, default=1.0)
     args = parser.parse_args()
-    settings = Settings(host="127.0.0.1", port=args.port, max_delay_ms=0, provider="cpu")
+    settings = Settings(host="127.0.0.1", port=args.port, grpc_port=0, max_delay_ms=0, provider="cpu")
     app = create_app(settings, engine=FakeEngine(dim=8, delay_s=args.delay_s))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 

@@ -24,8 +24,10 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without ``ENCODER_*`` settings; gRPC off (``extra`` may turn it on), so parallel test
+    servers never compete for its default port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    return env | extra
+    return env | {"ENCODER_GRPC_PORT": "0"} | extra
 
 
 @contextlib.contextmanager

@@ -21,7 +21,8 @@ from service.settings import Settings
 
 
 def settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"max_batch_size": 8, "max_delay_ms": 20, "provider": "cpu"} | overrides
+    # gRPC off unless a test asks for it: parallel test apps must not compete for its default port.
+    values: dict[str, Any] = {"max_batch_size": 8, "max_delay_ms": 20, "provider": "cpu", "grpc_port": 0} | overrides
     return Settings(**values)
 
 

@@ -1,0 +1,209 @@
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService``, as tritonclient.grpc speaks it.
+
+A thin servicer on grpcio's asyncio server, in the same event loop as the HTTP app of its worker: each RPC turns
+its message into the protocol's types (:mod:`service.oip.grpc_codec`), calls the transport-neutral OIP data plane
+(the same admission, checks, batcher, engine, metrics and statistics as REST) and maps domain errors to status
+codes (:mod:`service.oip.grpc_status`). The stubs are the generated ones tritonclient ships, so the wire is
+exactly the one its clients expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from service.dataplane import LARGE_BODY_BYTES, admitted, off_loop_if_large
+from service.oip import dataplane as oip
+from service.oip import grpc_codec as codec
+from service.oip.grpc_status import NotEnabled, details, status_for
+from service.oip.types import SharedMemory
+from service.state import ServiceState
+
+log = logging.getLogger(__name__)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Domain errors -> their status code; anything else -> INTERNAL, logged (by :func:`status_for`)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            spec = status_for(exc)
+            await context.abort(spec.code, details(exc))
+            raise  # abort raised already; this only tells type checkers that nothing is returned
+
+    return wrapper
+
+
+def not_enabled(what: str) -> NotEnabled:
+    return NotEnabled(f"{what} is not enabled on this server (see --shared-memory)")
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService``. RPCs not overridden here answer UNIMPLEMENTED (the stub's default):
+    repository control, trace and log settings, streaming inference."""
+
+    def __init__(self, state: ServiceState, shm: SharedMemory | None = None) -> None:
+        self._state = state
+        self._shm = shm
+
+    @rpc
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=oip.server_live(self._state) is None)
+
+    @rpc
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=oip.server_ready(self._state) is None)
+
+    @rpc
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        reason = oip.model_ready(self._state, request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=reason is None)
+
+    @rpc
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return codec.server_metadata(oip.server_metadata(self._state.settings))
+
+    @rpc
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        return codec.model_metadata(oip.model_metadata(self._state, request.name, request.version or None))
+
+    @rpc
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        metadata = oip.model_metadata(self._state, request.name, request.version or None)
+        return codec.model_config(metadata, self._state.settings.max_batch_size)
+
+    @rpc
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        values = oip.model_stats(self._state, request.name or None, request.version or None)
+        return codec.model_statistics(values)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+        """Every call is counted once in ``encoder_requests_total`` by outcome, as ``/encode`` counts its own."""
+        started = time.perf_counter()
+        arrived = time.monotonic()
+        outcome = "error"
+        try:
+            with admitted(self._state):  # the same in-flight bound as every HTTP inference route
+                answer = await self._infer(request, context, arrived)
+            outcome = "ok"
+            return answer
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # the client cancelled or its deadline passed: grpc cancels the handler
+            raise
+        except Exception as exc:
+            spec = status_for(exc)
+            outcome = spec.outcome
+            await context.abort(spec.code, details(exc))
+        finally:
+            self._state.metrics.observe_request(outcome, time.perf_counter() - started)
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, arrived: float
+    ) -> pb.ModelInferResponse:
+        req = codec.infer_request(request)
+        deadline = arrived + self._budget_s(context)
+        answer = await oip.infer(self._state, req, self._shm, deadline, arrived)
+        size = sum(out.data.nbytes for out in answer.outputs if out.data is not None)
+        return await off_loop_if_large(size, codec.infer_response, answer)
+
+    def _budget_s(self, context: grpc.aio.ServicerContext) -> float:
+        """The client's gRPC deadline, capped by the server's default; the request's ``timeout`` parameter
+        (microseconds, as Triton) is applied by the data plane, the earlier one winning."""
+        budget_s = self._state.settings.request_timeout_ms / 1000.0
+        remaining = context.time_remaining()
+        return budget_s if remaining is None else min(budget_s, max(0.0, remaining))
+
+    @rpc
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        raise not_enabled("the system shared-memory extension")
+
+    @rpc
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        raise not_enabled("the system shared-memory extension")
+
+    @rpc
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        raise not_enabled("the system shared-memory extension")
+
+    @rpc
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        raise not_enabled("the CUDA shared-memory extension")
+
+    @rpc
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise not_enabled("the CUDA shared-memory extension")
+
+    @rpc
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        raise not_enabled("the CUDA shared-memory extension")
+
+
+class GrpcServer:
+    """The gRPC listener of one worker process; ``start``/``stop`` from the app's lifespan, in its event loop.
+
+    With several workers each one binds the same port with SO_REUSEPORT and the kernel spreads connections over
+    them (a gRPC connection, and so a client channel, stays on the worker that accepted it). With one worker
+    the option stays off, so a port that is taken is an error at start rather than a silent second listener.
+    """
+
+    def __init__(self, servicer: InferenceServicer, host: str, port: int, reuse_port: bool, max_message_bytes: int):
+        self._servicer = servicer
+        self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._options = [
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # An answer is at most the request's size times the dtype widening (fp16 in, fp32 out): 2x.
+            ("grpc.max_send_message_length", 2 * max_message_bytes + LARGE_BODY_BYTES),
+        ]
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        server = grpc.aio.server(options=self._options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        self.port = server.add_insecure_port(self._address)  # raises when the address cannot be bound
+        await server.start()
+        self._server = server
+        log.info("gRPC (Open Inference Protocol) listening on %s", self._address.rsplit(":", 1)[0] + f":{self.port}")
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        """No new calls from now on; calls in flight get ``grace_s`` to finish, then are cancelled."""
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+
+
+async def start_grpc(state: ServiceState) -> GrpcServer | None:
+    """This worker's gRPC listener on ``--grpc-port`` (None when it is 0); every worker of ``--workers N``
+    binds the same port."""
+    settings = state.settings
+    if settings.grpc_port == 0:
+        return None
+    servicer = InferenceServicer(state)
+    server = GrpcServer(
+        servicer, settings.host, settings.grpc_port, reuse_port=settings.workers > 1,
+        max_message_bytes=settings.max_body_bytes,
+    )
+    await server.start()
+    return server
