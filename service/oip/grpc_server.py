@@ -20,7 +20,8 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service.dataplane import LARGE_BODY_BYTES, admitted, off_loop_if_large
+from service.dataplane import LARGE_BODY_BYTES, admitted
+from service.errors import BadRequest
 from service.oip import dataplane as oip
 from service.oip import grpc_codec as codec
 from service.oip.grpc_status import NotEnabled, details, status_for
@@ -91,7 +92,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         values = oip.model_stats(self._state, request.name or None, request.version or None)
         return codec.model_statistics(values)
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelInfer(self, request: codec.ParsedInfer, context: grpc.aio.ServicerContext) -> Any:
         """Every call is counted once in ``encoder_requests_total`` by outcome, as ``/encode`` counts its own."""
         started = time.perf_counter()
         arrived = time.monotonic()
@@ -112,13 +113,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._state.metrics.observe_request(outcome, time.perf_counter() - started)
 
     async def _infer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, arrived: float
-    ) -> pb.ModelInferResponse:
-        req = codec.infer_request(request)
+        self, request: codec.ParsedInfer, context: grpc.aio.ServicerContext, arrived: float
+    ) -> codec.EncodedInfer:
+        if request.error is not None:
+            raise BadRequest(request.error)
+        req = codec.infer_request(request.message, request.raw)
         deadline = arrived + self._budget_s(context)
         answer = await oip.infer(self._state, req, self._shm, deadline, arrived)
-        size = sum(out.data.nbytes for out in answer.outputs if out.data is not None)
-        return await off_loop_if_large(size, codec.infer_response, answer)
+        return codec.encode_infer_response(answer)  # the bytes are copied once, by grpc's serializer
 
     def _budget_s(self, context: grpc.aio.ServicerContext) -> float:
         """The client's gRPC deadline, capped by the server's default; the request's ``timeout`` parameter
@@ -158,6 +160,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise not_enabled("the CUDA shared-memory extension")
 
 
+class _Captured:
+    """Stands in for the server while the generated code registers its handlers, so they can be amended."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers arrive through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated registration (every method's name and messages), with ``ModelInfer``'s (de)serializers
+    replaced by the codec's zero-copy ones (see :mod:`service.oip.grpc_codec`)."""
+    captured = _Captured()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    handlers = captured.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=codec.parse_infer_request,
+        response_serializer=codec.serialize_infer_response,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
+    server.add_registered_method_handlers(captured.service, handlers)
+
+
 class GrpcServer:
     """The gRPC listener of one worker process; ``start``/``stop`` from the app's lifespan, in its event loop.
 
@@ -180,7 +211,7 @@ class GrpcServer:
 
     async def start(self) -> int:
         server = grpc.aio.server(options=self._options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        add_servicer(self._servicer, server)
         self.port = server.add_insecure_port(self._address)  # raises when the address cannot be bound
         await server.start()
         self._server = server

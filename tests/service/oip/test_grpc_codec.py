@@ -169,3 +169,76 @@ def test_metadata_and_statistics_from_the_rest_json_shape() -> None:
     assert stats.model_stats[0].batch_stats[0].compute_infer.ns == 10
     with pytest.raises(Exception, match="no_such_field"):
         codec.model_metadata({"no_such_field": 1})
+
+
+def full_parse_equals(msg: pb.ModelInferRequest) -> None:
+    """The zero-copy deserializer sees exactly what protobuf sees: the same fields, the same raw contents."""
+    data = msg.SerializeToString()
+    parsed = codec.parse_infer_request(data)
+    assert parsed.error is None
+    reference = pb.ModelInferRequest.FromString(data)
+    assert [bytes(raw) for raw in parsed.raw] == list(reference.raw_input_contents)
+    reference.ClearField("raw_input_contents")
+    assert parsed.message == reference
+
+
+def test_zero_copy_parse_matches_protobuf() -> None:
+    x = np.random.default_rng(2).standard_normal((2, 3, 8)).astype(np.float16)
+    shm = tc.InferInput("in_shm", [2, 8], "FP32")
+    shm.set_shared_memory("region", 64, offset=8)
+    empty = tc.InferInput("empty", [0, 8], "FP32")
+    empty.set_data_from_numpy(np.zeros((0, 8), np.float32))
+    outputs = [tc.InferRequestedOutput("output")]
+    for msg in (
+        client_request([raw_input(x)], outputs, request_id="id-1", timeout=100, parameters={"k": 1.5}),
+        client_request([raw_input(x), shm, empty, raw_input(x[:1], "second")], outputs),
+        client_request([shm]),
+        pb.ModelInferRequest(),
+    ):
+        full_parse_equals(msg)
+    # Unknown fields of other wire types (a newer client) survive as protobuf would keep them.
+    data = client_request([raw_input(x)]).SerializeToString() + bytes([0x78, 0x96, 0x01, 0x85, 0x01, 1, 2, 3, 4])
+    parsed = codec.parse_infer_request(data)
+    assert parsed.error is None and parsed.message.SerializeToString().endswith(bytes([1, 2, 3, 4]))
+
+
+def test_raw_contents_are_views_of_the_received_bytes() -> None:
+    x = np.arange(16, dtype=np.float32).reshape(2, 8)
+    data = client_request([raw_input(x)]).SerializeToString()
+    parsed = codec.parse_infer_request(data)
+    [tensor] = codec.infer_request(parsed.message, parsed.raw).inputs
+    assert tensor.data is not None and np.shares_memory(tensor.data, np.frombuffer(data, np.uint8))
+    np.testing.assert_array_equal(tensor.data, x)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x0a\x05abc", b"\x3a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0f", b"\x0a", b"\x80"],
+    ids=["short string", "huge varint", "wire type 7", "no length", "truncated key"],
+)
+def test_malformed_bytes_are_an_error_not_an_exception(data: bytes) -> None:
+    parsed = codec.parse_infer_request(data)
+    assert parsed.error is not None and "not a ModelInferRequest" in parsed.error
+
+
+def test_many_top_level_fields_fall_back_to_protobuf() -> None:
+    msg = client_request([raw_input(np.ones((1, 8), np.float32))])
+    for i in range(codec.MAX_SCANNED_FIELDS + 10):
+        msg.inputs.add(name=f"i{i}", datatype="FP32", shape=[1])
+    assert codec.split_field(msg.SerializeToString(), codec.RAW_INPUT_FIELD) is None
+    full_parse_equals(msg)
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [4 * 196 * 768], [3, 0, 200]])
+def test_serialized_response_is_the_protobuf_message(sizes: list[int]) -> None:
+    outputs = [OutputTensor(f"o{i}", "FP32", (n,), np.arange(n, dtype=np.float32)) for i, n in enumerate(sizes)]
+    resp = InferResponse(model="encoder", version="1", id="x", outputs=outputs)
+    data = codec.serialize_infer_response(codec.encode_infer_response(resp))
+    reference = pb.ModelInferResponse(model_name="encoder", model_version="1", id="x")
+    for out in outputs:
+        reference.outputs.add(name=out.name, datatype="FP32", shape=out.shape)
+    if any(sizes):
+        assert out.data is not None
+        reference.raw_output_contents.extend([o.data.tobytes() for o in outputs if o.data is not None])
+    assert pb.ModelInferResponse.FromString(data) == reference
+    assert data == reference.SerializeToString()  # field order as protobuf writes it
