@@ -340,3 +340,7 @@ def model_config(metadata: Mapping[str, Any], max_batch_size: int) -> pb.ModelCo
             tensors.add(name=tensor["name"], data_type=mc.DataType.Value(f"TYPE_{tensor['datatype']}"))
             tensors[-1].dims.extend(tensor["shape"][1:])
     return pb.ModelConfigResponse(config=config)
+
+
+def region_status(values: Mapping[str, Any]) -> pb.SystemSharedMemoryStatusResponse.RegionStatus:
+    return from_dict(pb.SystemSharedMemoryStatusResponse.RegionStatus(), values)

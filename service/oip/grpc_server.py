@@ -25,7 +25,7 @@ from service.errors import BadRequest
 from service.oip import dataplane as oip
 from service.oip import grpc_codec as codec
 from service.oip.grpc_status import NotEnabled, details, status_for
-from service.oip.types import SharedMemory
+from service.shm.registry import SystemSharedMemory
 from service.state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService``. RPCs not overridden here answer UNIMPLEMENTED (the stub's default):
     repository control, trace and log settings, streaming inference."""
 
-    def __init__(self, state: ServiceState, shm: SharedMemory | None = None) -> None:
+    def __init__(self, state: ServiceState) -> None:
         self._state = state
-        self._shm = shm
 
     @rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -98,6 +97,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         arrived = time.monotonic()
         outcome = "error"
         try:
+            # An unknown model costs nothing to find out, so it is NOT_FOUND even under overload (as in REST).
+            oip.check_model(self._state.settings, request.message.model_name, request.message.model_version or None)
             with admitted(self._state):  # the same in-flight bound as every HTTP inference route
                 answer = await self._infer(request, context, arrived)
             outcome = "ok"
@@ -119,7 +120,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise BadRequest(request.error)
         req = codec.infer_request(request.message, request.raw)
         deadline = arrived + self._budget_s(context)
-        answer = await oip.infer(self._state, req, self._shm, deadline, arrived)
+        answer = await oip.infer(self._state, req, self._state.shared_memory, deadline, arrived)
         return codec.encode_infer_response(answer)  # the bytes are copied once, by grpc's serializer
 
     def _budget_s(self, context: grpc.aio.ServicerContext) -> float:
@@ -129,23 +130,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         return budget_s if remaining is None else min(budget_s, max(0.0, remaining))
 
+    def _registry(self) -> SystemSharedMemory:
+        registry = self._state.shared_memory
+        if not isinstance(registry, SystemSharedMemory):
+            raise not_enabled("the system shared-memory extension")
+        return registry
+
     @rpc
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
-        raise not_enabled("the system shared-memory extension")
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._registry().status(request.name or None):
+            response.regions[region["name"]].CopyFrom(codec.region_status(region))
+        return response
 
     @rpc
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        raise not_enabled("the system shared-memory extension")
+        self._registry().register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        raise not_enabled("the system shared-memory extension")
+        self._registry().unregister(request.name or None)  # no name: every region, as in Triton
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc
     async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
