@@ -20,7 +20,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service.dataplane import LARGE_BODY_BYTES, admitted
+from service.dataplane import admitted
 from service.errors import BadRequest
 from service.oip import dataplane as oip
 from service.oip import grpc_codec as codec
@@ -215,8 +215,9 @@ class GrpcServer:
         self._options = [
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             ("grpc.max_receive_message_length", max_message_bytes),
-            # An answer is at most the request's size times the dtype widening (fp16 in, fp32 out): 2x.
-            ("grpc.max_send_message_length", 2 * max_message_bytes + LARGE_BODY_BYTES),
+            # Answers are bounded by what the client sent (the input's size and datatype) or registered as shared
+            # memory; a send limit could only fail an answer already computed.
+            ("grpc.max_send_message_length", -1),
         ]
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -227,7 +228,7 @@ class GrpcServer:
         self.port = server.add_insecure_port(self._address)  # raises when the address cannot be bound
         await server.start()
         self._server = server
-        log.info("gRPC (Open Inference Protocol) listening on %s", self._address.rsplit(":", 1)[0] + f":{self.port}")
+        log.info("gRPC (Open Inference Protocol) listening on port %s", self.port)
         return self.port
 
     async def stop(self, grace_s: float) -> None:
@@ -243,10 +244,7 @@ async def start_grpc(state: ServiceState) -> GrpcServer | None:
     settings = state.settings
     if settings.grpc_port == 0:
         return None
-    servicer = InferenceServicer(state)
-    server = GrpcServer(
-        servicer, settings.host, settings.grpc_port, reuse_port=settings.workers > 1,
-        max_message_bytes=settings.max_body_bytes,
-    )
+    servicer, reuse_port = InferenceServicer(state), settings.workers > 1
+    server = GrpcServer(servicer, settings.host, settings.grpc_port, reuse_port, settings.max_body_bytes)
     await server.start()
     return server
