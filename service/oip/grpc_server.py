@@ -97,6 +97,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         arrived = time.monotonic()
         outcome = "error"
         try:
+            if request.error is not None:
+                raise BadRequest(request.error)
             # An unknown model costs nothing to find out, so it is NOT_FOUND even under overload (as in REST).
             oip.check_model(self._state.settings, request.message.model_name, request.message.model_version or None)
             with admitted(self._state):  # the same in-flight bound as every HTTP inference route
@@ -116,8 +118,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: codec.ParsedInfer, context: grpc.aio.ServicerContext, arrived: float
     ) -> codec.EncodedInfer:
-        if request.error is not None:
-            raise BadRequest(request.error)
         req = codec.infer_request(request.message, request.raw)
         deadline = arrived + self._budget_s(context)
         answer = await oip.infer(self._state, req, self._state.shared_memory, deadline, arrived)

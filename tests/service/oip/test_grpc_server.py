@@ -137,6 +137,14 @@ async def test_bad_requests_get_their_own_status(request_: pb.ModelInferRequest,
     assert metric(text, "encoder_requests_total", outcome=OUTCOMES[code]) == 1
 
 
+async def test_bytes_that_are_no_message_are_invalid_argument() -> None:
+    port = free_port()
+    async with serving(grpc_port=port, host="127.0.0.1"), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+        code, details = await status_of(call(b"\x0f\x0f"))
+    assert code == Code.INVALID_ARGUMENT and "not a ModelInferRequest" in details
+
+
 async def test_grpc_deadline_too_short_is_deadline_exceeded() -> None:
     async with grpc_service(engine=FakeEngine(delay_s=0.2)) as (_, stub, _http):
         busy = asyncio.ensure_future(stub.ModelInfer(raw_request(sample(0, 3, DIM))))  # holds the engine
