@@ -326,20 +326,9 @@ def model_statistics(values: Mapping[str, Any]) -> pb.ModelStatisticsResponse:
     return from_dict(pb.ModelStatisticsResponse(), values)
 
 
-def model_config(metadata: Mapping[str, Any], max_batch_size: int) -> pb.ModelConfigResponse:
-    """Triton's model configuration, derived from the model's metadata: as in Triton, a model that batches
-    states ``max_batch_size`` and its tensors' dims without the batch dimension."""
-    config = mc.ModelConfig(
-        name=metadata["name"],
-        platform=metadata["platform"],
-        max_batch_size=max_batch_size,
-        dynamic_batching=mc.ModelDynamicBatching(),
-    )
-    for spec, tensors in ((metadata["inputs"], config.input), (metadata["outputs"], config.output)):
-        for tensor in spec:
-            tensors.add(name=tensor["name"], data_type=mc.DataType.Value(f"TYPE_{tensor['datatype']}"))
-            tensors[-1].dims.extend(tensor["shape"][1:])
-    return pb.ModelConfigResponse(config=config)
+def model_config(values: Mapping[str, Any]) -> pb.ModelConfigResponse:
+    """Triton's model configuration, from the data plane's dict (the ``model_config.proto`` JSON shape)."""
+    return pb.ModelConfigResponse(config=from_dict(mc.ModelConfig(), values))
 
 
 def region_status(values: Mapping[str, Any]) -> pb.SystemSharedMemoryStatusResponse.RegionStatus:

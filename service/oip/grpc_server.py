@@ -83,8 +83,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        metadata = oip.model_metadata(self._state, request.name, request.version or None)
-        return codec.model_config(metadata, self._state.settings.max_batch_size)
+        return codec.model_config(oip.model_config(self._state, request.name, request.version or None))
 
     @rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:

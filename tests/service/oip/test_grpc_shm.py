@@ -28,16 +28,17 @@ DIM = 8
 
 @contextlib.asynccontextmanager
 async def shm_service(registry_dir: Path) -> AsyncIterator[tca.InferenceServerClient]:
+    """The app with gRPC and the system shared-memory extension on, its registry in ``registry_dir``."""
     port = free_port()
-    async with serving(grpc_port=port, host="127.0.0.1", shared_memory="system") as (_, app):
-        registry = SystemSharedMemory(registry_dir, max_regions=4, max_bytes=1 << 20)
-        app.state.service.shared_memory = registry
+    limits = {"max_shared_memory_regions": 4, "max_shared_memory_bytes": 1 << 20}
+    shm = {"shared_memory": "system", "shared_memory_dir": str(registry_dir), **limits}
+    async with serving(grpc_port=port, host="127.0.0.1", **shm) as (_, app):
+        assert isinstance(app.state.service.shared_memory, SystemSharedMemory)
         client = tca.InferenceServerClient(f"127.0.0.1:{port}")
         try:
             yield client
         finally:
             await client.close()
-            registry.close()
 
 
 @contextlib.contextmanager
