@@ -81,3 +81,10 @@ def test_command_line_and_missing_stub(tmp_path: Path) -> None:
     assert f"--backend-directory={tmp_path / 'backends'}" in argv
     with pytest.raises(TritonUnavailable, match=r"Python 3\.99"):
         stub_path(tmp_path, (3, 99))
+
+
+def test_the_benchmark_interpreters_packages_come_first_in_the_stub(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stub whose own site-packages holds a CPU-only onnxruntime must import the benchmark's onnxruntime-gpu.
+    monkeypatch.setattr(triton_model.sys, "path", ["/stub/lib", "/stub/site-packages", "/bench/site"])
+    triton_model.extend_sys_path("/bench/gpu-site:/bench/site")
+    assert triton_model.sys.path == ["/bench/gpu-site", "/bench/site", "/stub/lib", "/stub/site-packages"]

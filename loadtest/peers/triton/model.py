@@ -18,10 +18,15 @@ import numpy as np
 
 
 def extend_sys_path(entries: str) -> None:
-    """Append the benchmark interpreter's package directories (appended: the stub's numpy is already imported)."""
-    for entry in entries.split(os.pathsep):
-        if entry and entry not in sys.path:
-            sys.path.append(entry)
+    """Put the benchmark interpreter's package directories first, in their order, so the stub imports the same
+    onnxruntime as the benchmark: a GPU host's image may carry a CPU-only onnxruntime in the stub's own
+    site-packages (seen on an H200 host: the peer then refused to start on the CPU). numpy, already imported by
+    the stub, stays as it is."""
+    for entry in reversed(entries.split(os.pathsep)):
+        if entry:
+            if entry in sys.path:
+                sys.path.remove(entry)
+            sys.path.insert(0, entry)
 
 
 def group_by_shape(arrays: list[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
