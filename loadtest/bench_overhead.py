@@ -70,14 +70,19 @@ def serve_noop(port: int, log_level: str, engine_process: bool = False) -> None:
     if not engine_process:
         serve_one(settings, uvicorn_options(settings), NoopEngine())
         return
-    path = os.path.join(tempfile.mkdtemp(prefix="bench-engine-", dir="/tmp"), "engine.sock")
+    from service.engine.board import EngineBoard, Slot
+
+    directory = tempfile.mkdtemp(prefix="bench-engine-", dir="/tmp")
+    board = EngineBoard.create(directory, ["cpu"])  # what the supervisor tells the workers: one engine process
+    path = board.sockets[0]
     host = multiprocessing.get_context("spawn").Process(target=host_noop, args=(path,), daemon=True)
     host.start()
     while not os.path.exists(path):
         if not host.is_alive():
             raise RuntimeError("the no-op engine process died before it listened")
         time.sleep(0.05)
-    settings = settings.model_copy(update={"engine_socket": path})
+    board.write(0, Slot(True, 1, 0))
+    settings = settings.model_copy(update={"engine_dir": directory})
     serve_one(settings, uvicorn_options(settings))
 
 

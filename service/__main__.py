@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from pydantic import ValidationError
 
+from service.engine.devices import Device, uses_engine_processes
+from service.engine.devices import resolve as resolve_devices
 from service.settings import ENV_PREFIX, Settings
 
 if TYPE_CHECKING:
@@ -43,6 +45,10 @@ _FLAG_TYPES: dict[str, Any] = {
     "drain_s": float,
     "graceful_timeout_s": float,
     "fake_delay_ms": float,
+    "engine_restart_limit": int,
+    "engine_restart_window_s": float,
+    "engine_restart_backoff_s": float,
+    "engine_restart_backoff_max_s": float,
 }
 _CHOICES = {
     "provider": ("auto", "tensorrt", "cuda", "cpu"),
@@ -95,28 +101,39 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return common
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, devices: tuple[Device, ...] | None = None) -> None:
     common = uvicorn_options(settings)
+    devices = devices if devices is not None else resolve_devices(settings)
+    if uses_engine_processes(settings, devices, uses_shared_engine(settings)):
+        serve_with_engine_processes(settings, devices, common)
+        return
     if settings.workers == 1:
         serve_one(settings, common)
         return
     # Several processes: each worker rebuilds the settings from the environment; metrics go through
     # prometheus_client's multiprocess files, set up before any worker imports it. uvicorn's supervisor sends
     # each worker SIGTERM, which finishes its accepted requests (no drain window).
-    with worker_environment(settings):
-        if not uses_shared_engine(settings):
-            log.info("%s workers, each with its own engine", settings.workers)
-            uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
-            return
-        from service.engine.process import engine_process
+    with worker_environment(settings, devices[0].environment() if devices[0].on_gpu else {}):
+        log.info("%s workers, each with its own engine", settings.workers)
+        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
 
-        # One engine process, warm before any worker starts; workers attach to it instead of loading the model.
-        log.info("%s workers sharing one engine process", settings.workers)
-        with engine_process() as engine:
-            os.environ[ENV_PREFIX + "ENGINE_SOCKET"] = engine.path
+
+def serve_with_engine_processes(settings: Settings, devices: tuple[Device, ...], common: dict[str, Any]) -> None:
+    """One engine process per device, warm before any worker starts and restarted when it dies; the workers
+    attach to all of them. Exits 1 when an engine kept dying (the orchestrator replaces the pod)."""
+    from service.engine.supervisor import RestartPolicy, supervised
+
+    labels = ", ".join(device.label for device in devices)
+    log.info("%s worker(s) over %s engine process(es) on device(s) %s", settings.workers, len(devices), labels)
+    with worker_environment(settings), supervised(devices, RestartPolicy.from_settings(settings)) as supervisor:
+        os.environ[ENV_PREFIX + "ENGINE_DIR"] = supervisor.directory
+        if settings.workers == 1:
+            serve_one(settings.model_copy(update={"engine_dir": supervisor.directory}), common)
+        else:
             uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
-        if engine.died_with is not None:
-            raise SystemExit(1)
+    if supervisor.gave_up is not None:
+        log.error("exiting with status 1: %s", supervisor.gave_up)
+        raise SystemExit(1)
 
 
 def uses_shared_engine(settings: Settings) -> bool:
@@ -152,9 +169,9 @@ def serve_one(settings: Settings, common: dict[str, Any], engine: Engine | None 
 
 
 @contextlib.contextmanager
-def worker_environment(settings: Settings) -> Iterator[None]:
-    """The workers' environment: settings as ``ENCODER_*`` variables, a fresh metrics directory and, with system
-    shared memory, a fresh registry directory.
+def worker_environment(settings: Settings, extra: dict[str, str] | None = None) -> Iterator[None]:
+    """The workers' environment: settings as ``ENCODER_*`` variables (and ``extra``), a fresh metrics directory
+    and, with system shared memory, a fresh registry directory.
 
     All are undone afterwards. A ``PROMETHEUS_MULTIPROC_DIR`` left pointing at the removed directory made any
     later app in the same process (a test run, an embedding) fail every /metrics scrape with a 500.
@@ -163,6 +180,7 @@ def worker_environment(settings: Settings) -> Iterator[None]:
     metrics_dir = tempfile.mkdtemp(prefix="encoder-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ.update(settings.to_env())
+    os.environ.update(extra or {})
     # The shared-memory registry every worker reads: a region registered through one serves them all.
     shm_dir = tempfile.mkdtemp(prefix="encoder-shm-") if "system" in settings.shared_memory_kinds else None
     if shm_dir is not None:
@@ -185,11 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        devices = resolve_devices(settings)
         settings = resolve_model(settings)
-    except Exception as exc:  # a bad bundle, a failed conversion: one clear line, no traceback
+    except Exception as exc:  # a bad bundle, a failed conversion, no such GPU: one clear line, no traceback
         log.error("cannot serve: %s", exc)
         return 2
-    serve(settings)
+    serve(settings, devices)
     return 0
 
 

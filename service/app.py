@@ -21,6 +21,7 @@ from service.api.errors import install_error_handlers
 from service.api.routes import router
 from service.batching.batcher import Batcher, BatcherConfig
 from service.engine.base import Engine
+from service.engine.devices import local_label
 from service.engine.factory import build_engine
 from service.metrics import Metrics
 from service.oip import rest as oip_rest
@@ -63,8 +64,10 @@ async def bring_up(state: ServiceState, engine: Engine | None) -> None:
         if engine is None:
             engine = await asyncio.to_thread(build_engine, state.settings)
         config = batcher_config(state.settings, engine)
-        # Behind a shared engine process this batcher forms worker batches; the engine process counts real ones.
-        metrics = state.metrics.observer(engine.buckets, batches=state.settings.engine_socket is None)
+        # Behind engine processes this batcher forms worker batches; the engine processes count the real ones.
+        local = state.settings.engine_dir is None
+        device = local_label(state.settings, engine.provider)
+        metrics = state.metrics.observer(engine.buckets, batches=local, device=device)
         observer = StatsObserver(metrics, state.oip_stats)  # also the OIP statistics extension's executions
         batcher = Batcher(engine, config, observer=observer)
         await batcher.warm_up()
@@ -75,7 +78,10 @@ async def bring_up(state: ServiceState, engine: Engine | None) -> None:
         if batcher is not None:
             await batcher.stop()  # releases the engine thread
         return
-    state.metrics.set_model(model_info(engine, config.max_batch_size), engine.buckets)
+    state.metrics.set_model(model_info(engine, config.max_batch_size))
+    device_status = getattr(engine, "device_status", None)
+    if device_status is not None:
+        state.metrics.watch_engines(device_status)
     state.engine, state.batcher = engine, batcher
     log.info("ready: %s on %s, batches up to %s", engine.name, engine.provider, config.max_batch_size)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
-from typing import Any, ParamSpec
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,8 +25,12 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from service.batching.observer import BatchStats
+
+if TYPE_CHECKING:
+    from service.engine.devices import DeviceStatus
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -90,6 +94,7 @@ class Metrics:
             os.makedirs(self.multiprocess_dir, exist_ok=True)
         self._dir_identity = _identity(self.multiprocess_dir)
         self._aggregate_lost = False
+        self._engines: EngineCollector | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("encoder_requests", "inference requests by outcome", ["outcome"], registry=r)
@@ -99,19 +104,28 @@ class Metrics:
         self.queue_wait = Histogram(
             "encoder_queue_wait_seconds", "a request chunk's wait for its batch", buckets=LATENCY_BUCKETS, registry=r
         )
+        # Engine-side batch metrics carry the device (a GPU ordinal, "cpu" or "cpuN": bounded by --devices).
         self.inference = Histogram(
             "encoder_inference_duration_seconds",
-            "engine time per batch, by batch-size bucket",
-            ["batch_size"],
+            "engine time per batch, by batch-size bucket and device",
+            ["batch_size", "device"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
-            "encoder_batch_size", "samples per engine batch (before padding)", buckets=BATCH_SIZE_BUCKETS, registry=r
+            "encoder_batch_size",
+            "samples per engine batch (before padding)",
+            ["device"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
         )
-        self.samples = Counter("encoder_samples_processed", "samples computed (rate() = throughput)", registry=r)
-        self.padding = Counter("encoder_padding_samples", "padding rows added to reach a bucket size", registry=r)
-        self.batch_failures = Counter("encoder_batch_failures", "engine batches that raised", registry=r)
+        self.samples = Counter(
+            "encoder_samples_processed", "samples computed (rate() = throughput)", ["device"], registry=r
+        )
+        self.padding = Counter(
+            "encoder_padding_samples", "padding rows added to reach a bucket size", ["device"], registry=r
+        )
+        self.batch_failures = Counter("encoder_batch_failures", "engine batches that raised", ["device"], registry=r)
         self.dropped = Counter(
             "encoder_dropped_requests", "requests dropped from the queue before compute", ["reason"], registry=r
         )
@@ -143,13 +157,17 @@ class Metrics:
         self.request_latency.observe(seconds)
 
     @never_raises
-    def set_model(self, info: dict[str, Any], buckets: tuple[int, ...]) -> None:
+    def set_model(self, info: dict[str, Any]) -> None:
         self.model_info.labels(**{k: str(v) for k, v in info.items()}).set(1)
-        for bucket in buckets:  # every label value exists from the start, so rate() works at once
-            self.inference.labels(batch_size=str(bucket))
 
-    def observer(self, buckets: tuple[int, ...], batches: bool = True) -> MetricsObserver:
-        return MetricsObserver(self, buckets, batches)
+    def observer(self, buckets: tuple[int, ...], batches: bool = True, device: str = "cpu") -> MetricsObserver:
+        """The batcher's (or engine process's) observer; ``batches`` with the ``device`` they run on."""
+        return MetricsObserver(self, buckets, batches, device)
+
+    def watch_engines(self, status: Callable[[], list[DeviceStatus]]) -> None:
+        """Export the supervised engine processes' state (read from the engine board at every scrape)."""
+        self._engines = EngineCollector(status)
+        self.registry.register(self._engines)
 
     def render(self) -> bytes:
         if self.multiprocess and not self._aggregate_lost:
@@ -173,6 +191,8 @@ class Metrics:
             raise FileNotFoundError(f"the multiprocess metrics directory {path!r} is missing")
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=path)
+        if self._engines is not None:  # not in the multiprocess files: every worker reads the same board
+            registry.register(self._engines)
         return generate_latest(registry)
 
     @never_raises
@@ -182,15 +202,47 @@ class Metrics:
             multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
 
 
+def forget_process(pid: int) -> None:
+    """A process that died without :meth:`Metrics.close` (a killed engine process): its live gauges leave the
+    aggregate; its counters stay, so totals do not drop."""
+    directory = multiprocess_dir()
+    if directory is not None and os.path.isdir(directory):
+        multiprocess.mark_process_dead(pid, directory)
+
+
+class EngineCollector:
+    """``encoder_engine_up{device}`` and ``encoder_engine_restarts_total{device}`` from the engine board."""
+
+    def __init__(self, status: Callable[[], list[DeviceStatus]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("encoder_engine_up", "1 while the device's engine process serves", labels=["device"])
+        restarts = CounterMetricFamily(
+            "encoder_engine_restarts", "times the device's engine process was restarted", labels=["device"]
+        )
+        for device in self._status():
+            up.add_metric([device.device], 1.0 if device.up else 0.0)
+            restarts.add_metric([device.device], float(device.restarts))
+        yield up
+        yield restarts
+
+
 class MetricsObserver:
     """The batcher's :class:`~service.batching.observer.BatcherObserver`, writing into :class:`Metrics`."""
 
-    def __init__(self, metrics: Metrics, buckets: tuple[int, ...], batches: bool = True) -> None:
+    def __init__(self, metrics: Metrics, buckets: tuple[int, ...], batches: bool = True, device: str = "cpu") -> None:
         """``batches=False``: record queue waits only; a shared engine process records the batches it runs."""
         self._m = metrics
         self._buckets = buckets
         self._batches = batches
-        self._inference = {b: metrics.inference.labels(batch_size=str(b)) for b in buckets}  # once, not per batch
+        if batches:  # no series of a device this process does not run batches on
+            # Children looked up once, not per batch; every label value exists from the start, so rate() works.
+            self._inference = {b: metrics.inference.labels(batch_size=str(b), device=device) for b in buckets}
+            self._batch_size = metrics.batch_size.labels(device=device)
+            self._samples = metrics.samples.labels(device=device)
+            self._padding = metrics.padding.labels(device=device)
+            self._failures = metrics.batch_failures.labels(device=device)
 
     def on_batch(self, stats: BatchStats) -> None:
         m = self._m
@@ -198,13 +250,13 @@ class MetricsObserver:
             m.queue_wait.observe(wait)
         if not self._batches:
             return
-        m.batch_size.observe(stats.samples)
+        self._batch_size.observe(stats.samples)
         if stats.failed:
-            m.batch_failures.inc()
+            self._failures.inc()
             return
         self._inference[int(bucket_label(stats.samples, self._buckets))].observe(stats.compute_s)
-        m.samples.inc(stats.samples)
-        m.padding.inc(stats.padded - stats.samples)
+        self._samples.inc(stats.samples)
+        self._padding.inc(stats.padded - stats.samples)
 
     def on_dropped(self, reason: str, count: int) -> None:
         self._m.dropped.labels(reason=reason).inc(count)

@@ -51,8 +51,28 @@ class Settings(BaseSettings):
         "CUDA context, batches merged across workers, tensors through shared memory); 'off' = an engine per worker; "
         "'auto' = on when the model runs on a GPU, off on the CPU",
     )
-    engine_socket: str | None = Field(
-        default=None, description="internal: set by the supervisor for workers of the shared engine process"
+    devices: str = Field(
+        default="all",
+        description="devices to serve on, one engine process each: 'all' (every GPU; the CPU without one), GPU "
+        "ordinals like '0,1', 'cpu', or 'cpu:N' (N CPU engine processes)",
+    )
+    engine_restart_limit: int = Field(
+        default=5,
+        ge=0,
+        description="an engine process that dies is restarted at most this many times per --engine-restart-window-s; "
+        "one death more and the service exits 1 (the orchestrator replaces it)",
+    )
+    engine_restart_window_s: float = Field(
+        default=300.0, gt=0, description="the window --engine-restart-limit counts an engine's deaths in"
+    )
+    engine_restart_backoff_s: float = Field(
+        default=1.0, ge=0, description="wait before restarting a dead engine process; doubles with each recent death"
+    )
+    engine_restart_backoff_max_s: float = Field(
+        default=30.0, ge=0, description="the longest wait before restarting a dead engine process"
+    )
+    engine_dir: str | None = Field(
+        default=None, description="internal: set by the supervisor: the engine processes' sockets and status board"
     )
     max_shared_memory_bytes: int = Field(
         default=4 << 30,
@@ -133,6 +153,13 @@ class Settings(BaseSettings):
     def shared_memory_kinds(self) -> frozenset[str]:
         """The enabled shared-memory extensions ('system'); empty with 'none'."""
         return frozenset(self.shared_memory.split(",")) - {"none"}
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str) -> str:
+        from service.engine.devices import check_syntax
+
+        return check_syntax(value)
 
     @property
     def fake_delay_s(self) -> float:

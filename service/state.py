@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from service.batching.batcher import Batcher
 from service.engine.base import Engine
+from service.engine.devices import DeviceStatus, local_label
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.oip.stats import ModelStats
@@ -46,7 +47,23 @@ class ServiceState:
             return fatal
         if self.draining:
             return "the service is shutting down"
-        return self.cannot_serve_reason()
+        reason = self.cannot_serve_reason()
+        if reason is None and not any(device.up for device in self.device_status()):
+            down = ", ".join(device.device for device in self.device_status())
+            return f"no engine process serves: device(s) {down} down (restarting)"
+        return reason
+
+    def device_status(self) -> list[DeviceStatus]:
+        """The devices that serve and those that do not (for /readyz, /v1/models, the OIP metadata): the engine
+        processes as their supervisor reports them, or the engine in this process."""
+        engine = self.engine
+        if engine is None:
+            return []
+        status = getattr(engine, "device_status", None)
+        if status is not None:
+            return list(status())
+        alive = self.batcher is not None and self.batcher.alive
+        return [DeviceStatus(local_label(self.settings, engine.provider), alive)]
 
     def cannot_serve_reason(self) -> str | None:
         """Why /encode cannot be answered. Not draining: during the drain window requests that still arrive

@@ -79,11 +79,14 @@ async def healthz(state: State) -> Any:
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorBody}})
 async def readyz(state: State) -> Any:
-    """Ready once the engine is built, every batch bucket warmed up, and the batcher runs."""
+    """Ready once the engine is built, every batch bucket warmed up, the batcher runs, and (with engine
+    processes) at least one of them serves."""
     reason = state.not_ready_reason()
     if reason is not None:
         return JSONResponse(error_body("not_ready", reason), status_code=503, headers={"Retry-After": "1"})
-    return Status(status="ready")
+    # Ready while one engine serves; the body names those being restarted.
+    devices = {device.device: "up" if device.up else "down" for device in state.device_status()}
+    return Status(status="ready", devices=devices)
 
 
 @router.get("/metrics", response_class=Response)
@@ -105,6 +108,7 @@ async def models(state: State) -> ModelList:
         buckets=list(engine.buckets),
         max_batch_size=batcher.config.max_batch_size,
         fixed_shapes=engine.fixed_shapes,
+        devices=[device.device for device in state.device_status() if device.up],
         details=engine.describe(),
     )
     return ModelList(models=[card])

@@ -20,6 +20,9 @@ class ErrorBody(BaseModel):
 
 class Status(BaseModel):
     status: str
+    devices: dict[str, str] | None = Field(
+        default=None, description="readiness: each device's engine, 'up' or 'down' (being restarted)"
+    )
 
 
 class ModelCard(BaseModel):
@@ -33,6 +36,7 @@ class ModelCard(BaseModel):
     buckets: list[int] = Field(description="engine batch sizes; batches are padded to them when fixed_shapes")
     max_batch_size: int
     fixed_shapes: bool
+    devices: list[str] = Field(default_factory=list, description="the devices whose engines serve now")
     details: dict[str, Any]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFailed, Overloaded
 from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
 from service.batching.queue import Done, Item, PendingQueue, Ticket
-from service.engine.base import EngineGone, EngineUnrecoverable
+from service.engine.base import EngineGone, EngineLost, EngineUnrecoverable
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class Batcher:
             raise
         except Exception as exc:
             log.warning("batch of %s samples (seq %s) failed: %s", samples, batch[0].seq_len, exc, exc_info=True)
-            if isinstance(exc, EngineGone):
+            if isinstance(exc, (EngineGone, EngineLost)):  # never computed or never came back: retry later
                 self._fail(batch, BatcherStopped, f"the engine is gone: {exc}")
             else:
                 self._fail(batch, EngineFailed, f"inference failed: {type(exc).__name__}: {exc}")

@@ -18,6 +18,16 @@ class EngineGone(EngineUnrecoverable):
     another batch): its requests get 503 like those still queued, not the 500 of a batch that failed."""
 
 
+class EngineUnreached(EngineGone):
+    """The batch never reached the engine process (it was gone when the request was sent): its input is intact,
+    so it can be sent to another engine."""
+
+
+class EngineLost(RuntimeError):
+    """The engine process computing this batch died (or broke) before answering, while other engines serve and
+    it is being restarted: its requests get 503 (to be retried), but the batching loop goes on."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """Computes (B, S, D) -> (B, S, D) on host arrays. ``run`` is called from one thread at a time.

@@ -9,12 +9,12 @@ from service.settings import Settings
 def build_engine(settings: Settings) -> Engine:
     """The engine for ``settings`` (slow for a real bundle: loads and checks it, builds the session).
 
-    A worker with ``engine_socket`` set attaches to the shared engine process instead of loading the model.
+    A worker with ``engine_dir`` set attaches to the engine processes (one per device) instead of loading the model.
     """
-    if settings.engine_socket is not None:
-        from service.engine.remote import RemotePool
+    if settings.engine_dir is not None:
+        from service.engine.router import RouterEngine
 
-        return RemotePool(settings.engine_socket)
+        return RouterEngine(settings.engine_dir)
     if settings.engine == "fake":
         # Test-only: lets reliability tests count engine calls and inject faults inside a real server process.
         from service.engine.fake import FakeEngine

@@ -6,9 +6,12 @@ is free, :class:`EngineHost` merges what every worker sent (FIFO, one sequence l
 bucket) into one run and writes each answer back over its input. Eight workers with an engine each meant
 eight CUDA contexts time-slicing one GPU on batches of one to three; here they share one queue.
 
-A batch that fails fails the worker batches in it; an :class:`EngineUnrecoverable` answers BROKEN to the
-batches it broke and GONE to every other waiting one (the workers' batchers stop, so /readyz turns 503; GONE
-requests get 503, not 500) and ends the process with status 1.
+With several GPUs there is one engine process per device (``--device`` names it in metrics; its GPU is the
+only one it sees), and the workers spread their batches over them (:mod:`service.engine.router`).
+
+A batch that fails fails the worker batches in it; an :class:`EngineUnrecoverable` (e.g. a sticky CUDA
+error) answers BROKEN to the batches it broke and GONE to every other waiting one (GONE requests get 503, not
+500) and ends the process with status 1: the supervisor restarts it (:mod:`service.engine.supervisor`).
 """
 
 from __future__ import annotations
@@ -105,8 +108,11 @@ def run_parts(engine: Engine, parts: Sequence[np.ndarray]) -> tuple[int, float]:
 class EngineHost:
     """Serves ``engine`` to workers on a Unix socket; see the module docstring."""
 
-    def __init__(self, engine: Engine, max_batch_size: int, observer: BatcherObserver | None = None) -> None:
+    def __init__(
+        self, engine: Engine, max_batch_size: int, observer: BatcherObserver | None = None, device: str = "cpu"
+    ) -> None:
         self.engine = engine
+        self.device = device
         self.max_batch_size = max_batch_size
         self._observer = SafeObserver(observer or NullObserver())
         self._jobs: deque[_Job] = deque()
@@ -124,6 +130,7 @@ class EngineHost:
             "max_seq_len": e.max_seq_len,
             "buckets": [b for b in e.buckets if b <= self.max_batch_size] or [self.max_batch_size],
             "provider": e.provider,
+            "device": self.device,
             "describe": e.describe(),
         }
 
@@ -320,15 +327,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m service.engine.host", description=__doc__)
     parser.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    parser.add_argument("--device", default="cpu", help="the device's label in metrics (its GPU is the one visible)")
     args = parser.parse_args(argv)
-    settings = Settings().model_copy(update={"engine_socket": None})  # the service's ENCODER_* environment
+    settings = Settings().model_copy(update={"engine_dir": None})  # the service's ENCODER_* environment
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _exit_with_parent()
     engine = build_engine(settings)
     engine.warmup()
     metrics = Metrics()  # with several workers: the same multiprocess directory, so /metrics shows our batches
-    host = EngineHost(engine, min(settings.max_batch_size, max(engine.buckets)), metrics.observer(engine.buckets))
-    log.info("engine process ready: %s on %s, batches up to %s", engine.name, engine.provider, host.max_batch_size)
+    observer = metrics.observer(engine.buckets, device=args.device)
+    host = EngineHost(engine, min(settings.max_batch_size, max(engine.buckets)), observer, args.device)
+    log.info(
+        "engine process ready: %s on %s (device %s), batches up to %s",
+        engine.name,
+        engine.provider,
+        args.device,
+        host.max_batch_size,
+    )
     try:
         asyncio.run(host.serve(args.socket))
     except EngineUnrecoverable as exc:

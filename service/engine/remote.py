@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.engine import ipc
-from service.engine.base import EngineGone, EngineUnrecoverable
+from service.engine.base import EngineGone, EngineUnreached, EngineUnrecoverable
 
 log = logging.getLogger(__name__)
 MAX_ARENA_BYTES = 256 << 20
@@ -162,6 +162,9 @@ class RemoteEngine:
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
         try:
             self._sock.sendall(ipc.REQUEST.pack(self._sequence, batch, seq, offset))
+        except OSError as exc:  # a 20-byte frame is sent whole or not at all: the engine never saw this batch
+            raise EngineUnreached(f"the engine process is gone: {exc}") from exc
+        try:
             sequence, status, length, _, _ = ipc.REPLY.unpack(ipc.recv_exactly(self._sock, ipc.REPLY.size))
             message = ipc.recv_exactly(self._sock, length).decode(errors="replace") if length else ""
         except OSError as exc:

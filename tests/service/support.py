@@ -58,8 +58,11 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value (0 when absent)."""
-    return metric_samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of the samples of ``name`` whose labels include ``labels`` (0 when none): e.g. a batch metric
+    summed over its ``device`` label, or one device's value with ``device="0"``."""
+    wanted = set(labels.items())
+    found = metric_samples(text).items()
+    return sum(value for (sample, got), value in found if sample == name and wanted <= set(got))
 
 
 def npy(array: np.ndarray) -> bytes:

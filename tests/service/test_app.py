@@ -302,11 +302,13 @@ async def test_metrics_names_labels_and_values_move() -> None:
     assert response.headers["content-type"].startswith("text/plain")
     after = metric_samples(response.text)
     samples = sum(x.shape[0] for x in inputs)
-    assert after[("encoder_samples_processed_total", ())] - before[("encoder_samples_processed_total", ())] == samples
+    cpu = (("device", "cpu"),)  # engine-side batch metrics name their device; a fake engine runs on the CPU
+    processed = after[("encoder_samples_processed_total", cpu)] - before[("encoder_samples_processed_total", cpu)]
+    assert processed == samples
     assert after[("encoder_requests_total", (("outcome", "ok"),))] == len(inputs)
     assert after[("encoder_request_duration_seconds_count", ())] == len(inputs)
     assert after[("encoder_queue_wait_seconds_count", ())] == len(inputs)
-    assert after[("encoder_batch_size_sum", ())] == samples
+    assert after[("encoder_batch_size_sum", cpu)] == samples
     assert after[("encoder_queue_depth", ())] == 0 and after[("encoder_batcher_alive", ())] == 1
     labels = {dict(key[1]).get("batch_size") for key in after if key[0] == "encoder_inference_duration_seconds_count"}
     assert labels == {"1", "2", "4", "8"}  # the bucket sizes, and only them

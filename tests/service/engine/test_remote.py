@@ -176,7 +176,7 @@ def test_the_app_serves_through_a_remote_engine_and_turns_unavailable_when_the_h
     host = HostThread(FakeEngine(), 8).start()
 
     async def scenario(remote: RemoteEngine) -> None:
-        async with serving(remote, engine_socket=host.path) as (client, _):
+        async with serving(remote, engine_dir=host.directory) as (client, _):
             x = sample(3, batch=2)
             response = await client.post("/encode", content=npy(x), headers=NPY_HEADERS)
             assert response.status_code == 200, response.text
@@ -184,7 +184,8 @@ def test_the_app_serves_through_a_remote_engine_and_turns_unavailable_when_the_h
             details = (await client.get("/v1/models")).json()["models"][0]["details"]
             assert details["engine_process"]["socket"] == host.path
             metrics = (await client.get("/metrics")).text
-            assert "encoder_samples_processed_total 0.0" in metrics  # the engine process counts samples
+            # The engine process counts samples: a worker exports no batch series at all.
+            assert "encoder_samples_processed_total{" not in metrics and "encoder_queue_wait_seconds_count" in metrics
             await asyncio.to_thread(host.stop)
             first = await client.post("/encode", content=npy(x), headers=NPY_HEADERS)
             # The batch that found the engine process gone fails (like a batch that breaks a local engine);

@@ -1,0 +1,252 @@
+"""A worker's engine when engine processes serve it: one connection pool per device, batches to the least loaded.
+
+:class:`RouterEngine` is an :class:`~service.engine.base.Engine`. Each batch goes to the device with the fewest
+of this worker's samples in flight (ties: the one given the fewest batches), so a client batch split over
+several engine batches can use several GPUs. It follows the engine board (:mod:`service.engine.board`): a
+device marked down is not used, and when its engine process is back (a new generation) a monitor thread
+attaches again (new socket, new arena, page-locked again by the new process).
+
+When an engine process dies, only what it held fails: a batch whose request frame could not even be sent
+goes to another device untouched; a batch it was computing gets :class:`~service.engine.base.EngineLost`
+(503: the answer is written over the input, so a half-finished batch cannot be resent); a batch that broke it
+(an unrecoverable engine error) fails with 500. The batching loop goes on either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.engine.base import EngineGone, EngineLost, EngineUnreached, EngineUnrecoverable
+from service.engine.board import EngineBoard
+from service.engine.devices import DeviceStatus
+from service.engine.remote import RemotePool
+
+log = logging.getLogger(__name__)
+POLL_S = 0.05  # how often the monitor reads the board (one mmap read per device)
+RETRY_S = 1.0  # after a failed attach, wait this long before the next attempt
+CONNECTIONS = 2  # per device: one batch computing while the previous answer travels back
+
+
+@dataclass
+class _Device:
+    """One device as this worker sees it. Guarded by the router's lock."""
+
+    label: str
+    path: str
+    pool: RemotePool | None = None
+    generation: int = 0  # the board generation ``pool`` is attached to
+    down: bool = True  # not to be used (the pool, if any, is closed once nothing runs on it)
+    in_flight: int = 0  # samples of this worker's batches running there, plus reserved ones
+    running: int = 0  # run() calls using the pool now
+    batches: int = 0  # given so far (the tie-break)
+    retry_at: float = 0.0
+    closing: list[RemotePool] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not self.down and self.pool is not None
+
+
+class RouterEngine:
+    """Attaches at construction to every engine process that is up (at least one must be)."""
+
+    def __init__(self, directory: str, connections: int = CONNECTIONS) -> None:
+        self.board = EngineBoard(directory)
+        self.connections = connections
+        self._devices = [
+            _Device(label, path) for label, path in zip(self.board.devices, self.board.sockets, strict=True)
+        ]
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._stop = threading.Event()
+        for index in range(len(self._devices)):
+            self._attach(index)
+        first = next((d.pool for d in self._devices if d.pool is not None), None)
+        if first is None:
+            self.board.close()
+            raise ConnectionError(f"no engine process in {directory} accepts workers")
+        self.name, self.dim, self.dtype = first.name, first.dim, first.dtype
+        self.max_seq_len, self.buckets, self.provider = first.max_seq_len, first.buckets, first.provider
+        self.fixed_shapes = False  # each engine process pads its merged batches itself
+        self.concurrency = connections * len(self._devices)  # read by the batcher: batches in flight at once
+        self._described = first.describe()
+        self._monitor = threading.Thread(target=self._watch_board, name="engine-router", daemon=True)
+        self._monitor.start()
+
+    @property
+    def devices(self) -> list[str]:
+        return [d.label for d in self._devices]
+
+    def device_status(self) -> list[DeviceStatus]:
+        """Per device: up (its engine process serves, as the supervisor says) and its restart count."""
+        return self.board.status()
+
+    def load(self) -> dict[str, tuple[bool, int, int]]:
+        """Per device, as this worker sees it: (usable, samples in flight, batches given so far)."""
+        with self._lock:
+            return {d.label: (d.usable, d.in_flight, d.batches) for d in self._devices}
+
+    # --- routing ----------------------------------------------------------------------------------------------
+
+    def _pick(self, samples: int, avoid: frozenset[int] | set[int] = frozenset()) -> int | None:
+        """The least-loaded usable device (call with the lock held); it counts ``samples`` as in flight."""
+        candidates = [i for i, d in enumerate(self._devices) if d.usable and i not in avoid]
+        if not candidates:
+            return None
+        index = min(candidates, key=lambda i: (self._devices[i].in_flight, self._devices[i].batches))
+        device = self._devices[index]
+        device.in_flight += samples
+        device.batches += 1
+        return index
+
+    def input_buffer(self, batch: int, seq: int) -> np.ndarray:
+        """A region of the chosen device's arena (the batch then runs there); the choice is held for this
+        thread's next :meth:`run`."""
+        self._release_reservation()
+        with self._lock:
+            index = self._pick(batch)
+            pool = None if index is None else self._devices[index].pool
+        if index is None or pool is None:
+            return np.empty((batch, seq, self.dim), self.dtype)
+        self._local.reserved = (index, batch)
+        return pool.input_buffer(batch, seq)
+
+    def _release_reservation(self) -> tuple[int, int] | None:
+        reserved: tuple[int, int] | None = getattr(self._local, "reserved", None)
+        if reserved is not None:
+            self._local.reserved = None
+            with self._lock:
+                self._devices[reserved[0]].in_flight -= reserved[1]
+        return reserved
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        samples = int(x.shape[0]) if x.ndim else 0
+        reserved = self._release_reservation()
+        tried: set[int] = set()
+        while True:
+            with self._lock:
+                index = None
+                if reserved is not None and self._devices[reserved[0]].usable:
+                    index = reserved[0]
+                    self._devices[index].in_flight += samples
+                else:
+                    index = self._pick(samples, tried)
+                reserved = None
+                if index is None:
+                    down = [d.label for d in self._devices if not d.usable]
+                    raise EngineLost(f"no engine process serves now (device(s) {', '.join(down)} restarting)")
+                device = self._devices[index]
+                pool = device.pool
+                assert pool is not None
+                device.running += 1
+            try:
+                return pool.run(x)
+            except EngineUnreached as exc:  # it never saw the batch: the input is intact, another device can
+                self._mark_down(index, pool, exc)
+                tried.add(index)
+            except EngineGone as exc:
+                self._mark_down(index, pool, exc)
+                raise EngineLost(f"the engine process of device {device.label} died computing this batch") from exc
+            except EngineUnrecoverable as exc:  # this batch broke it (BROKEN): a failed batch, and it restarts
+                self._mark_down(index, pool, exc)
+                raise RuntimeError(f"device {device.label}: {exc}") from exc
+            finally:
+                self._finished(index, samples)
+
+    def _finished(self, index: int, samples: int) -> None:
+        with self._lock:
+            device = self._devices[index]
+            device.in_flight -= samples
+            device.running -= 1
+            closing = self._detach_if_idle(device)
+        for pool in closing:
+            pool.close()
+
+    def _mark_down(self, index: int, pool: RemotePool, exc: Exception) -> None:
+        with self._lock:
+            device = self._devices[index]
+            if device.pool is not pool or device.down:
+                return  # already known (another batch saw it first), or already reattached
+            device.down = True
+        log.warning("the engine process of device %s is gone (%s): routing around it", device.label, exc)
+
+    def _detach_if_idle(self, device: _Device) -> list[RemotePool]:
+        """A down device's pool, once no batch uses it (lock held): the caller closes it outside the lock."""
+        if device.down and device.pool is not None and device.running == 0:
+            device.closing.append(device.pool)
+            device.pool = None
+        closing, device.closing = device.closing, []
+        return closing
+
+    # --- following the board --------------------------------------------------------------------------------
+
+    def _watch_board(self) -> None:
+        while not self._stop.wait(POLL_S):
+            for index in range(len(self._devices)):
+                try:
+                    self._follow(index)
+                except Exception:  # the monitor must survive anything: a dead one would never reattach
+                    log.exception("following the engine board failed for device %s", self._devices[index].label)
+
+    def _follow(self, index: int) -> None:
+        slot = self.board.read(index)
+        with self._lock:
+            device = self._devices[index]
+            if device.pool is not None and (not slot.up or slot.generation != device.generation):
+                if not device.down:
+                    log.warning("the engine process of device %s is down: routing around it", device.label)
+                device.down = True
+            closing = self._detach_if_idle(device)
+            attach = slot.up and device.pool is None and time.monotonic() >= device.retry_at
+        for pool in closing:
+            pool.close()
+        if attach:
+            self._attach(index)
+
+    def _attach(self, index: int) -> None:
+        """Connect to device ``index``'s engine process if the board says it is up (handshake: blocking)."""
+        device = self._devices[index]
+        slot = self.board.read(index)
+        if not slot.up:
+            return
+        try:
+            pool = RemotePool(device.path, self.connections)
+        except (ConnectionError, OSError) as exc:
+            log.warning("cannot attach to the engine process of device %s yet: %s", device.label, exc)
+            with self._lock:
+                device.retry_at = time.monotonic() + RETRY_S
+            return
+        with self._lock:
+            device.pool, device.generation, device.down = pool, slot.generation, False
+        log.info("attached to the engine process of device %s (generation %s)", device.label, slot.generation)
+
+    # --- the rest of the Engine interface --------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Nothing to do: every engine process warmed up before it accepted workers."""
+
+    def describe(self) -> dict[str, Any]:
+        described = {k: v for k, v in self._described.items() if k != "engine_process"}
+        shared = dict(self._described.get("engine_process", {}))
+        shared.pop("socket", None)
+        shared["directory"] = self.board.directory
+        status = self.device_status()
+        described["devices"] = [{"device": s.device, "up": s.up, "restarts": s.restarts} for s in status]
+        return {**described, "engine_process": shared}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._monitor.join(timeout=5)
+        with self._lock:
+            pools = [d.pool for d in self._devices if d.pool is not None]
+            for device in self._devices:
+                device.pool, device.down = None, True
+        for pool in pools:
+            pool.close()
+        self.board.close()
