@@ -12,7 +12,8 @@ import numpy as np
 from converter.bundle import Bundle, load_bundle
 from converter.providers import SessionOptions
 from converter.session import EncoderSession
-from service.engine.base import batch_buckets
+from service.engine.base import EngineUnrecoverable, batch_buckets
+from service.engine.cuda_errors import is_sticky_cuda_error
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,14 @@ def served_seq_lens(seq_lens: tuple[int, ...], max_seq_len: int) -> tuple[int, .
     """Warm-up sequence lengths the bundle can take; the longest allowed one if none of them fits."""
     fitting = tuple(sorted({s for s in seq_lens if 0 < s <= max_seq_len}))
     return fitting or (max_seq_len,)
+
+
+def _classified(exc: Exception) -> Exception:
+    """A sticky CUDA error as :class:`EngineUnrecoverable` (this process's context is lost: its engine process
+    exits and is restarted); any other failure as it is (it fails its batch only)."""
+    if is_sticky_cuda_error(exc):
+        return EngineUnrecoverable(f"sticky CUDA error, this process's CUDA context is lost: {exc}")
+    return exc
 
 
 class OnnxEngine:
@@ -57,11 +66,17 @@ class OnnxEngine:
         return cls(load_bundle(directory), **kwargs)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(x)
+        try:
+            return self.session.run(x)
+        except Exception as exc:
+            raise _classified(exc) from exc
 
     def run_into(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> int:
         """One batch from many arrays (the engine process's merged worker batches), without a host gather."""
-        return self.session.run_into(parts, outs)
+        try:
+            return self.session.run_into(parts, outs)
+        except Exception as exc:
+            raise _classified(exc) from exc
 
     def register_host(self, ptr: int, nbytes: int) -> bool:
         return self.session.register_host(ptr, nbytes)
