@@ -11,7 +11,8 @@ prints markdown tables. On the GPU host, one command:
 
     python loadtest/bench_service.py --model-dir bundles/fp16 --workers 8 --concurrency 24,96,192
 
-(the fp16 bundle is converted first if the directory does not exist). CPU self-test: ``--device cpu``.
+(the fp16 bundle is converted first if the directory does not exist). CPU self-test: ``--device cpu``. One GPU
+against two, same run: ``--servers service --devices 0 --devices 0,1`` (rows ``service@0``, ``service@0,1``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from loadtest.peers import litserve_server, oip_bench
 from loadtest.peers.launch import ServerFailed, ServerProcess, free_port
 from loadtest.peers.loadgen import drive, make_spec
-from loadtest.peers.scrape import Samples, batch_sizes, scrape, time_breakdown
+from loadtest.peers.scrape import Samples, batch_sizes, device_samples, scrape, time_breakdown
 from loadtest.peers.triton import server as triton_server
 
 log = logging.getLogger("bench_service")
@@ -70,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="the service's and LitServe's batch wait")
     p.add_argument("--litserve-workers-per-device", type=int, default=2)
     p.add_argument("--service-arg", action="append", default=[], help="extra flag for the service (repeatable)")
+    p.add_argument(
+        "--devices",
+        action="append",
+        default=[],
+        help="the service's --devices; repeat to compare in one run (e.g. --devices 0 --devices 0,1): every service "
+        "server runs once per value, its rows named service@<devices>",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the service at the top concurrency, if installed")
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, help="default loadtest/results/service-<card>-<date>.json")
@@ -111,12 +119,13 @@ def ensure_bundle(model_dir: Path, device: str) -> dict[str, Any]:
 
 
 def server_command(
-    kind: str, args: argparse.Namespace, port: int, grpc_port: int = 0, metrics_port: int = 0
+    kind: str, args: argparse.Namespace, port: int, grpc_port: int = 0, metrics_port: int = 0, devices: str = ""
 ) -> tuple[list[str], str, dict[str, str]]:
-    """(argv, readiness path, extra environment) for one server kind."""
+    """(argv, readiness path, extra environment) for one server kind (ours on ``devices``, if given)."""
     py, common = sys.executable, ["--host", "127.0.0.1", "--port", str(port)]
     if kind in OURS:
         cmd = [py, "-m", "service", *common, "--model-dir", str(args.model_dir), "--workers", str(args.workers)]
+        cmd += ["--devices", devices] if devices else []
         cmd += ["--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms)]
         cmd += ["--seq-lens", str(args.seq), "--log-level", "warning"]
         if args.device == "cpu":
@@ -177,6 +186,7 @@ def measure(entry: str, server: ServerProcess, args: argparse.Namespace, dim: in
         point["server_batches"] = batch_sizes(before, after)
         busy = oip_bench.service_busy(before, after, time.time() - started)
         point["server_time"] = time_breakdown(before, after) | busy
+        point["server_devices"] = device_samples(before, after)  # samples each device computed
     return {"server": entry, "format": FORMAT[entry], **point}
 
 
@@ -184,7 +194,8 @@ def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]
     results: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     kinds = list(dict.fromkeys(PROCESS[s] for s in args.server_list))
-    for kind in kinds:
+    runs = [(kind, devices) for kind in kinds for devices in (args.devices or [""] if kind in OURS else [""])]
+    for kind, devices in runs:
         entries = [s for s in args.server_list if PROCESS[s] == kind]
         if kind == "litserve" and litserve_server.ls is None:
             skipped[kind] = "litserve is not installed on this host"
@@ -195,8 +206,9 @@ def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]
             log.warning("skipping triton: %s", reason)
             continue
         port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-        command, ready, env = server_command(kind, args, port, grpc_port, metrics_port)
-        log_path = args.out.with_name(f"{args.out.stem}-{kind}.log")
+        command, ready, env = server_command(kind, args, port, grpc_port, metrics_port, devices)
+        log_path = args.out.with_name(f"{args.out.stem}-{kind}{slug('-' + devices) if devices else ''}.log")
+        first = len(results)
         server = ServerProcess(command, port, ready, log_path, env)
         server.start()
         try:
@@ -220,7 +232,21 @@ def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]
             break
         finally:
             server.stop()
+        for point in results[first:] if devices else ():
+            point["server"], point["devices"] = f"{point['server']}@{devices}", devices
     return results, skipped
+
+
+def device_scaling(results: list[dict[str, Any]], devices: list[str]) -> list[dict[str, Any]]:
+    """samples/s of ``service@<devices>`` over ``service@<first devices>``, per concurrency (e.g. 2 GPUs vs 1)."""
+    by_key = {(r["server"], r["concurrency"]): r for r in results if r.get("format") == "raw"}
+    rows = []
+    for (server, conc), point in by_key.items():
+        base = by_key.get((f"service@{devices[0]}", conc))
+        if server.startswith("service@") and base is not None and server != base["server"]:
+            ratio = point["samples_per_s"] / max(base["samples_per_s"], 1e-9)
+            rows.append({"concurrency": conc, "server": server, "vs": base["server"], "samples_per_s_ratio": ratio})
+    return rows
 
 
 def wants_raw(entry: str, args: argparse.Namespace) -> bool:
@@ -302,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args.references = oip_bench.References(args, manifest)
     started = time.time()
     results, skipped = run_servers(args, int(manifest["dims"]["dim"]))
+    scaling = device_scaling(results, args.devices) if len(args.devices) > 1 else []
     document = {
         "card": card,
         "date": today,
@@ -316,12 +343,15 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets(results),
         "oip_targets": oip_bench.oip_targets(results),
         "skipped": skipped,
+        "device_scaling": scaling,
     }
     args.out.write_text(json.dumps(document, indent=2, default=str) + "\n")
     print(f"\n{card}, {today}: {document['command']}\n")
     print(markdown(results))
     if side_by_side := oip_bench.comparison(results):
         print(f"\nservice vs Triton, same clients:\n\n{side_by_side}")
+    for row in scaling:
+        print(f"\n{row['server']} vs {row['vs']} at {row['concurrency']}: {row['samples_per_s_ratio']:.2f}x samples/s")
     for name, reason in skipped.items():
         print(f"\nskipped {name}: {reason}")
     for r in (r for r in results if r["errors"]):

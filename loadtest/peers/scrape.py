@@ -25,7 +25,21 @@ def scrape(base_url: str, timeout: float = 10.0) -> Samples:
 
 
 def _value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum over the samples of ``name`` whose labels include ``labels`` (e.g. over every ``device``)."""
+    wanted = set(labels.items())
+    return sum(value for (sample, got), value in samples.items() if sample == name and wanted <= set(got))
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """:func:`_value` for callers outside this module: one metric summed over the labels not named."""
+    return _value(samples, name, **labels)
+
+
+def device_samples(before: Samples, after: Samples) -> dict[str, int]:
+    """Samples computed per device (``encoder_samples_processed_total{device}``) between two scrapes."""
+    devices = {dict(labels).get("device") for name, labels in after if name == "encoder_samples_processed_total"}
+    found = {d: round(_delta(before, after, "encoder_samples_processed_total", device=d)) for d in devices if d}
+    return dict(sorted(found.items()))
 
 
 def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:

@@ -56,3 +56,23 @@ def test_service_benchmark_runs_on_cpu(small_bundle: Path, tmp_path: Path) -> No
     assert document["targets"][0]["concurrency"] == 2
     assert ("litserve" in points) != ("litserve" in document["skipped"])
     assert "| service | raw | 2 |" in result.stdout
+
+
+def test_service_benchmark_compares_device_sets_in_one_run(small_bundle: Path, tmp_path: Path) -> None:
+    """``--devices A --devices B``: the service runs once per device set (here one and two CPU engine processes)."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "loadtest/bench_service.py", "--device", "cpu", "--model-dir", str(small_bundle)]
+    command += ["--servers", "service", "--devices", "cpu", "--devices", "cpu:2", "--concurrency", "4"]
+    command += ["--duration", "1.5", "--warmup", "0.5", "--workers", "1", "--clients", "1", "--seq", "64"]
+    command += ["--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    points = {r["server"]: r for r in document["results"]}
+    assert set(points) == {"service@cpu", "service@cpu:2"}
+    assert points["service@cpu"]["server_devices"].keys() == {"cpu"}
+    spread = points["service@cpu:2"]["server_devices"]
+    assert spread.keys() == {"cpu0", "cpu1"} and min(spread.values()) > 0, spread  # both engine processes computed
+    (row,) = document["device_scaling"]
+    assert (row["server"], row["vs"], row["concurrency"]) == ("service@cpu:2", "service@cpu", 4)
+    assert "service@cpu:2 vs service@cpu at 4:" in result.stdout
