@@ -74,7 +74,14 @@ def gpu(ordinal: int, visible: str | None) -> Device:
 
 
 def resolve(settings: Settings, gpu_count: int | None = None) -> tuple[Device, ...]:
-    """The devices ``settings`` serve on; ``gpu_count`` defaults to what the CUDA driver reports."""
+    """The devices ``settings`` serve on; ``gpu_count`` defaults to what the CUDA driver reports. Raises
+    ValueError (before anything starts) for devices that do not exist or that the other settings cannot serve."""
+    devices = _resolve(settings, gpu_count)
+    check_serving(settings, devices)
+    return devices
+
+
+def _resolve(settings: Settings, gpu_count: int | None) -> tuple[Device, ...]:
     value = settings.devices
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if value == "cpu":
@@ -106,17 +113,21 @@ def _cuda_device_count() -> int:
     return cuda_device_count()
 
 
+def check_serving(settings: Settings, devices: tuple[Device, ...]) -> None:
+    """Refuse (before anything starts) device lists the other settings cannot serve."""
+    if len(devices) > 1 and settings.shared_engine == "off":
+        raise ValueError(
+            f"--shared-engine off puts an engine in each worker, on one device; --devices names {len(devices)}: "
+            "use --shared-engine auto or on"
+        )
+
+
 def uses_engine_processes(settings: Settings, devices: tuple[Device, ...], shared_on_gpu: bool) -> bool:
     """Engine processes (supervised, one per device) instead of an engine inside each worker?
 
     ``shared_on_gpu`` is the ``--shared-engine`` decision for several workers on one device.
     """
     if len(devices) > 1:
-        if settings.shared_engine == "off":
-            raise ValueError(
-                f"--shared-engine off puts an engine in each worker, on one device; --devices names "
-                f"{len(devices)}: use --shared-engine auto or on"
-            )
         return True
     if settings.workers > 1:
         return shared_on_gpu

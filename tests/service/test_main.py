@@ -49,3 +49,10 @@ def test_shared_engine_auto_means_on_with_a_gpu_and_off_on_the_cpu(
     monkeypatch.setattr("converter.devices.cuda_device_count", lambda: devices)
     settings = parse_settings(["--shared-engine", flag, "--provider", provider, "--workers", "4"])
     assert uses_shared_engine(settings) is shared
+
+
+def test_devices_the_settings_cannot_serve_exit_2_before_anything_starts(caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["--engine", "fake", "--devices", "cpu:2", "--shared-engine", "off"]) == 2
+    assert "--shared-engine off puts an engine in each worker" in caplog.text
+    assert main(["--devices", "0,1", "--provider", "cpu", "--model-dir", "/nowhere"]) == 2
+    assert "--provider cpu cannot serve on GPUs" in caplog.text

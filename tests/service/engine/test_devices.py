@@ -81,7 +81,7 @@ def test_when_engine_processes_serve(
 
 def test_several_devices_need_engine_processes() -> None:
     with pytest.raises(ValueError, match="--shared-engine off"):
-        uses_engine_processes(settings(shared_engine="off", workers=2), (Device("0", "0"), Device("1", "1")), False)
+        resolve(settings(shared_engine="off", devices="cpu:2"))
 
 
 def test_the_device_label_of_an_in_process_engine() -> None:
