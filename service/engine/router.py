@@ -84,8 +84,12 @@ class RouterEngine:
         return [d.label for d in self._devices]
 
     def device_status(self) -> list[DeviceStatus]:
-        """Per device: up (its engine process serves, as the supervisor says) and its restart count."""
-        return self.board.status()
+        """Per device: up (its engine process serves, as the supervisor says, and this worker is attached to
+        it) and its restart count."""
+        with self._lock:
+            attached = [device.usable for device in self._devices]
+        status = self.board.status()
+        return [DeviceStatus(s.device, s.up and ok, s.restarts) for s, ok in zip(status, attached, strict=True)]
 
     def load(self) -> dict[str, tuple[bool, int, int]]:
         """Per device, as this worker sees it: (usable, samples in flight, batches given so far)."""

@@ -45,7 +45,8 @@ def service(log: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen[byte
         family = psutil.Process(process.pid).children(recursive=True)
         yield url, process
     finally:
-        family += [p for p in psutil.Process(process.pid).children(recursive=True) if p not in family]
+        with contextlib.suppress(psutil.Error):  # restarted engine processes too, if the service still runs
+            family += [p for p in psutil.Process(process.pid).children(recursive=True) if p not in family]
         for member in (psutil.Process(process.pid), *family) if process.poll() is None else family:
             with contextlib.suppress(psutil.Error):
                 member.resume()
@@ -125,14 +126,15 @@ def test_kill_9_of_one_engine_under_load_fails_only_its_in_flight_requests(tmp_p
         wait_until(lambda: engines(url, "encoder_engine_up", "cpu1") == 1, "the restarted engine", 60)
         served = engines(url, "encoder_samples_processed_total", "cpu1")
         wait_until(lambda: engines(url, "encoder_samples_processed_total", "cpu1") > served, "cpu1 to serve again")
-        assert httpx.get(f"{url}/readyz", timeout=10).json()["devices"] == {"cpu0": "up", "cpu1": "up"}
+        both = {"cpu0": "up", "cpu1": "up"}
+        wait_until(lambda: httpx.get(f"{url}/readyz", timeout=10).json()["devices"] == both, "readiness naming both")
     outcomes = [status for _, status, _ in load.results]
     assert set(outcomes) <= {200, 503}, sorted(set(map(str, outcomes)))  # no 500, no connection error
     assert all(right for _, status, right in load.results if status == 200)  # every answer its own
     failed = [started for started, status, _ in load.results if status == 503]
     # Only requests already sent when it died: at most one per client, each started before the death.
     assert len(failed) <= load.clients and all(started < dead_at for started in failed), (len(failed), dead_at)
-    assert outcomes.count(200) > 100
+    assert outcomes.count(200) > 40 and any(status == 200 and started > dead_at for started, status, _ in load.results)
     text = log.read_text()
     assert "the engine process of device cpu1 exited with status -9" in text
 
