@@ -40,6 +40,9 @@ _FLAG_TYPES: dict[str, Any] = {
     "max_body_bytes": int,
     "max_shared_memory_bytes": int,
     "max_shared_memory_regions": int,
+    "discard_body_bytes": int,
+    "discard_body_s": float,
+    "keep_alive_s": float,
     "workers": int,
     "cache_dir": Path,
     "drain_s": float,
@@ -98,6 +101,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
     common["timeout_graceful_shutdown"] = settings.graceful_timeout_s
     common["access_log"] = settings.access_log
+    common["timeout_keep_alive"] = settings.keep_alive_s  # uvicorn's default of 5 s races proxies' reuse
     return common
 
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from starlette.types import Receive, Scope, Send
 
-from service.api import serving
+from service.api import early, serving
 from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
 from service.api.routes import router
@@ -94,9 +94,17 @@ class EncoderApp(FastAPI):
     creation, and ``serving.encode`` turns every error into its JSON answer itself. The middleware stack,
     routing and dependency solving cost about a quarter of a worker's CPU per request under load (py-spy), so
     they are skipped; the FastAPI route stays, for the OpenAPI schema and as the path any other URL form takes.
+
+    Every request with a body, whatever its route, first gets an :class:`early.BodyGuard`: an answer given
+    before the body was read (413, 408, 429, 503...) then reaches the client instead of a connection reset.
     """
 
+    discard_limits = early.DiscardLimits(max_bytes=0, max_s=0.0)  # create_app sets the configured ones
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and early.has_body(scope["headers"]):
+            guard = early.BodyGuard(receive, send, self.discard_limits)
+            receive, send = guard.receive, guard.send
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             if path == "/encode":
@@ -161,6 +169,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = EncoderApp(title="encoder-service", version="0.1.0", lifespan=lifespan)
     app.state.service = state
+    limits = (settings.discard_body_bytes, settings.discard_body_s, state.metrics.observe_unread_body)
+    app.discard_limits = early.DiscardLimits(*limits)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(oip_rest.router)

@@ -37,6 +37,7 @@ P = ParamSpec("P")
 
 OUTCOMES = ("ok", "invalid", "overloaded", "timeout", "cancelled", "error", "unavailable")
 DROP_REASONS = ("cancelled", "timeout")
+UNREAD_BODY_RESULTS = ("drained", "limit", "disconnected")  # service.api.early.RESULTS
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = tuple(float(1 << i) for i in range(13))  # 1 .. 4096, powers of two
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -145,16 +146,29 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=r,
         )
+        self.unread_bodies = Counter(
+            "encoder_unread_bodies",
+            "answers given before the request body was read, by what became of the rest: drained (read and "
+            "dropped, the client could read its answer), limit (cut off at --discard-body-bytes/-s), disconnected",
+            ["result"],
+            registry=r,
+        )
         # Labelled children looked up once: labels() costs a lock and a dict lookup on every request.
         self._requests_by_outcome = {outcome: self.requests.labels(outcome=outcome) for outcome in OUTCOMES}
         for reason in DROP_REASONS:
             self.dropped.labels(reason=reason)
+        for result in UNREAD_BODY_RESULTS:
+            self.unread_bodies.labels(result=result)
 
     @never_raises
     def observe_request(self, outcome: str, seconds: float) -> None:
         counter = self._requests_by_outcome.get(outcome) or self.requests.labels(outcome=outcome)
         counter.inc()
         self.request_latency.observe(seconds)
+
+    @never_raises
+    def observe_unread_body(self, result: str) -> None:
+        self.unread_bodies.labels(result=result).inc()
 
     @never_raises
     def set_model(self, info: dict[str, Any]) -> None:

@@ -44,6 +44,26 @@ class Settings(BaseSettings):
         default=30_000, gt=0, description="default deadline (X-Request-Timeout-Ms overrides)"
     )
     max_body_bytes: int = Field(default=64 * MIB, ge=1, description="largest request body; beyond it, 413")
+    # An answer given before the body was read (413, 408, 429, 503...) is followed by reading and dropping the
+    # rest, so the client, still sending, can read it (see service/api/early.py). 4x the default body limit
+    # and a few seconds: a 70 MiB upload refused with 413 is read off in well under a second on a LAN.
+    discard_body_bytes: int = Field(
+        default=256 * MIB,
+        ge=0,
+        description="after an answer given before the request body was read: most bytes of the rest read and "
+        "dropped so the client can read the answer; beyond it the connection is closed",
+    )
+    discard_body_s: float = Field(
+        default=5.0, ge=0, description="... and the longest time spent reading them (then the connection is closed)"
+    )
+    keep_alive_s: float = Field(
+        # Above every common proxy's idle timeout (nginx 75 s to clients and 60 s upstream, AWS ALB 60 s): the
+        # proxy, not the server, closes an idle connection first, so it never reuses one the server is closing.
+        default=90.0,
+        gt=0,
+        description="idle keep-alive connections are closed after this many seconds; keep it above the idle "
+        "timeout of any proxy or load balancer in front",
+    )
     workers: int = Field(default=1, ge=1, description="HTTP worker processes")
     shared_engine: Literal["auto", "on", "off"] = Field(
         default="auto",

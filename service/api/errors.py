@@ -39,7 +39,6 @@ class ErrorSpec:
     type: str
     outcome: str
     retry_after: bool = False
-    close: bool = False  # answer with Connection: close (the rest of the body may never come)
 
 
 ERRORS: dict[type[Exception], ErrorSpec] = {
@@ -49,8 +48,10 @@ ERRORS: dict[type[Exception], ErrorSpec] = {
     Forbidden: ErrorSpec(403, "forbidden", "invalid"),
     Conflict: ErrorSpec(409, "conflict", "invalid"),
     UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type", "invalid"),
-    PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid", close=True),
-    BodyTimeout: ErrorSpec(408, "request_timeout", "timeout", close=True),
+    # Answers given before the body was read (413, 408, 429, ...) close the connection after reading off the
+    # rest of the body: service.api.early does that for every route.
+    PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid"),
+    BodyTimeout: ErrorSpec(408, "request_timeout", "timeout"),
     Overloaded: ErrorSpec(429, "overloaded", "overloaded", retry_after=True),
     DeadlineExceeded: ErrorSpec(504, "deadline_exceeded", "timeout"),
     EngineFailed: ErrorSpec(500, "inference_failed", "error"),
@@ -79,8 +80,6 @@ def error_response(exc: BaseException) -> JSONResponse:
     if spec is INTERNAL:
         log.error("unexpected error", exc_info=exc)
     headers = {"Retry-After": RETRY_AFTER_S} if spec.retry_after else {}
-    if spec.close:
-        headers["Connection"] = "close"
     message = str(exc) or type(exc).__name__
     return JSONResponse(error_body(spec.type, message), status_code=spec.status, headers=headers)
 

@@ -73,7 +73,17 @@ def pad_size(samples: int, buckets: Sequence[int] | None) -> int:
 
 
 def run_batch(engine: BatchEngine, inputs: list[np.ndarray], padded: int) -> tuple[np.ndarray, float]:
-    """Stack, pad, run, check: executed on the engine thread so the event loop stays free."""
+    """Stack, pad, run, check: executed on the engine thread so the event loop stays free; (answer, seconds)."""
+    out, compute_s, _ = run_batch_timed(engine, inputs, padded)
+    return out, compute_s
+
+
+def run_batch_timed(engine: BatchEngine, inputs: list[np.ndarray], padded: int) -> tuple[np.ndarray, float, float]:
+    """:func:`run_batch`, its time split in two: (answer, compute seconds, seconds spent elsewhere).
+
+    An engine in another process (``run_timed``) says how long it computed; the rest of the call (the hop, its
+    queue there) is queue time for the request, so ``x-inference-time`` is compute in every layout.
+    """
     samples = sum(int(part.shape[0]) for part in inputs)
     if len(inputs) == 1 and padded == samples:
         x = inputs[0]
@@ -87,11 +97,16 @@ def run_batch(engine: BatchEngine, inputs: list[np.ndarray], padded: int) -> tup
             offset += part.shape[0]
         x[samples:] = 0
     start = time.perf_counter()
-    out = engine.run(x)
-    elapsed = time.perf_counter() - start
+    run_timed = getattr(engine, "run_timed", None)
+    if run_timed is None:
+        out = engine.run(x)
+        compute_s = elapsed = time.perf_counter() - start
+    else:
+        out, compute_s = run_timed(x)
+        elapsed = time.perf_counter() - start
     if out.shape[:2] != x.shape[:2]:
         raise RuntimeError(f"engine returned shape {out.shape} for input {x.shape}")
-    return out[:samples], elapsed
+    return out[:samples], compute_s, max(0.0, elapsed - compute_s)
 
 
 class Batcher:
@@ -327,10 +342,10 @@ class Batcher:
         started = time.monotonic()
         waits = tuple(started - item.enqueued for item in batch)
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._executor, run_batch, self._engine, [item.x for item in batch], padded)
+        call = loop.run_in_executor(self._executor, run_batch_timed, self._engine, [item.x for item in batch], padded)
         self._computing += 1
         try:
-            out, compute_s = await call
+            out, compute_s, away_s = await call
         except asyncio.CancelledError:
             self._fail(batch, BatcherStopped, "the service shut down while this request was computing")
             raise
@@ -351,7 +366,7 @@ class Batcher:
         offset = 0
         for item, wait in zip(batch, waits, strict=True):
             if not item.future.done():
-                item.future.set_result(Done(out[offset : offset + item.samples], wait, compute_s))
+                item.future.set_result(Done(out[offset : offset + item.samples], wait + away_s, compute_s))
             offset += item.samples
 
     @staticmethod

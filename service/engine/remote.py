@@ -125,18 +125,21 @@ class RemoteEngine:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The answer to ``x``; for an ``x`` in the arena (from :meth:`input_buffer`) it replaces ``x`` in place."""
+        return self.run_timed(x)[0]
+
+    def run_timed(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """:meth:`run`, with the seconds the engine process computed: the rest of the call was the hop and its
+        queue, which the batcher reports as queue time, so ``x-inference-time`` means the same in every layout."""
         if x.ndim != 3 or x.shape[2] != self.dim or x.dtype != self.dtype:
             raise ValueError(f"expected (batch, seq, {self.dim}) {self.dtype}, got {x.shape} {x.dtype}")
         with self._lock:
             offset = self.regions.locate(x)
             if offset is not None:
-                self._call(offset, x.shape[0], x.shape[1])
-                return x.view()
+                return x.view(), self._call(offset, x.shape[0], x.shape[1])
             if x.nbytes <= self.regions.size:
                 staged = self._region_for(x)
                 np.copyto(staged, x)
-                self._call(self.regions.locate(staged) or 0, x.shape[0], x.shape[1])
-                return staged
+                return staged, self._call(self.regions.locate(staged) or 0, x.shape[0], x.shape[1])
             return self._run_in_pieces(x)
 
     def _region_for(self, x: np.ndarray) -> np.ndarray:
@@ -145,27 +148,29 @@ class RemoteEngine:
             raise RuntimeError(f"no free shared-memory region for {REGION_WAIT_S} s (answers not being sent?)")
         return self.regions.array(index, x.shape, self.dtype)
 
-    def _run_in_pieces(self, x: np.ndarray) -> np.ndarray:
+    def _run_in_pieces(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         """A batch larger than a region: region-sized pieces, each answer copied out before the next."""
         out = np.empty_like(x)
         rows = max(1, self.regions.size // (x.shape[1] * self.dim * self.dtype.itemsize))
+        compute_s = 0.0
         for start in range(0, x.shape[0], rows):
             piece = x[start : start + rows]
             staged = self._region_for(piece)
             np.copyto(staged, piece)
-            self._call(self.regions.locate(staged) or 0, piece.shape[0], piece.shape[1])
+            compute_s += self._call(self.regions.locate(staged) or 0, piece.shape[0], piece.shape[1])
             np.copyto(out[start : start + rows], staged)
             del staged  # the region goes back now, not at the end of the loop
-        return out
+        return out, compute_s
 
-    def _call(self, offset: int, batch: int, seq: int) -> None:
+    def _call(self, offset: int, batch: int, seq: int) -> float:
+        """One batch through the engine process; the seconds the engine computed it (from the reply frame)."""
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
         try:
             self._sock.sendall(ipc.REQUEST.pack(self._sequence, batch, seq, offset))
         except OSError as exc:  # a 20-byte frame is sent whole or not at all: the engine never saw this batch
             raise EngineUnreached(f"the engine process is gone: {exc}") from exc
         try:
-            sequence, status, length, _, _ = ipc.REPLY.unpack(ipc.recv_exactly(self._sock, ipc.REPLY.size))
+            sequence, status, length, compute_s, _ = ipc.REPLY.unpack(ipc.recv_exactly(self._sock, ipc.REPLY.size))
             message = ipc.recv_exactly(self._sock, length).decode(errors="replace") if length else ""
         except OSError as exc:
             raise EngineGone(f"the engine process is gone: {exc}") from exc
@@ -177,6 +182,7 @@ class RemoteEngine:
             raise EngineGone(f"engine process: {message}")
         if status != ipc.OK:
             raise RuntimeError(f"engine process: {message}")
+        return float(compute_s)
 
     @property
     def busy(self) -> bool:
@@ -228,9 +234,13 @@ class RemotePool:
         return np.empty((batch, seq, self.dim), self.dtype)
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        return self.run_timed(x)[0]
+
+    def run_timed(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """See :meth:`RemoteEngine.run_timed`."""
         for channel in self.channels:
             if channel.regions.locate(x) is not None:
-                return channel.run(x)
+                return channel.run_timed(x)
         if x.ndim == 3 and x.shape[2] == self.dim and x.dtype == self.dtype:  # else run() says what is wrong
             # Staged into whichever connection has a free region (an idle one first), not just the first idle
             # connection: answers hold their regions while they are sent, so one arena can be full.
@@ -238,9 +248,9 @@ class RemotePool:
             for channel in self.channels:
                 if channel.regions.locate(staged) is not None:
                     np.copyto(staged, x)
-                    return channel.run(staged)
+                    return channel.run_timed(staged)
         idle = next((c for c in self.channels if not c.busy), self.channels[0])
-        return idle.run(x)
+        return idle.run_timed(x)
 
     def warmup(self) -> None:
         """Nothing to do: the engine process warmed up before it accepted workers."""

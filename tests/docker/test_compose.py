@@ -231,3 +231,11 @@ def test_locust_image_has_the_locustfiles_imports(compose: dict[str, Any]) -> No
     installed = set(re.findall(r'"([A-Za-z0-9_-]+)==', dockerfile))
     provided = {"locust", "gevent"} | installed  # gevent: a dependency of locust itself
     assert third_party <= provided, f"the locust image lacks {sorted(third_party - provided)}"
+
+
+def test_the_encoder_settings_are_real_settings_and_keep_alive_outlasts_proxies(compose: dict[str, Any]) -> None:
+    from service.settings import Settings
+
+    environment = compose["services"]["encoder"]["environment"]
+    settings = Settings(**{k.removeprefix("ENCODER_").lower(): v for k, v in environment.items()})
+    assert settings.keep_alive_s > 75  # nginx's keepalive_timeout, the longest common proxy idle timeout

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-# The service tests' small bundle (the built-in model at 64/4/128, converted once per session), for the soak.
-from tests.service.conftest import small_bundle
+# The service tests' small bundle (the built-in model at 64/4/128, converted once per session) and its unbatched
+# PyTorch reference, for the soaks.
+from tests.service.conftest import reference, small_bundle
 
-__all__ = ["small_bundle"]
+__all__ = ["reference", "small_bundle"]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from service.__main__ import main, parse_settings, uses_shared_engine
+from service.__main__ import main, parse_settings, uses_shared_engine, uvicorn_options
 
 
 def test_flags_map_to_settings_and_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,6 +24,16 @@ def test_every_setting_has_a_flag() -> None:
     assert (settings.host, settings.provider, settings.max_delay_ms, settings.max_queue) == ("127.0.0.1", "cpu", 1, 3)
     assert (settings.request_timeout_ms, settings.max_body_bytes, settings.workers) == (50, 10, 2)
     assert (settings.cache_dir, settings.log_level, settings.max_batch_size) == (Path("/c"), "debug", 4)
+
+
+def test_keep_alive_outlasts_common_proxy_idle_timeouts_and_reaches_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = uvicorn_options(parse_settings([]))["timeout_keep_alive"]
+    assert default == 90 and default > 75  # nginx's keepalive_timeout; AWS ALB and nginx upstream: 60 s
+    assert uvicorn_options(parse_settings(["--keep-alive-s", "620"]))["timeout_keep_alive"] == 620
+    monkeypatch.setenv("ENCODER_KEEP_ALIVE_S", "120")
+    assert uvicorn_options(parse_settings([]))["timeout_keep_alive"] == 120
+    settings = parse_settings(["--discard-body-bytes", "1024", "--discard-body-s", "0.5"])
+    assert (settings.discard_body_bytes, settings.discard_body_s) == (1024, 0.5)
 
 
 def test_invalid_settings_exit_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
