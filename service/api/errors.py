@@ -39,6 +39,9 @@ class ErrorSpec:
     type: str
     outcome: str
     retry_after: bool = False
+    # Connection: close, for errors that come before the body was read. service.api.early adds it to every such
+    # answer (and reads off the rest of the body first); stated here too for adapters that answer on their own.
+    close: bool = False
 
 
 ERRORS: dict[type[Exception], ErrorSpec] = {
@@ -48,10 +51,8 @@ ERRORS: dict[type[Exception], ErrorSpec] = {
     Forbidden: ErrorSpec(403, "forbidden", "invalid"),
     Conflict: ErrorSpec(409, "conflict", "invalid"),
     UnsupportedMediaType: ErrorSpec(415, "unsupported_media_type", "invalid"),
-    # Answers given before the body was read (413, 408, 429, ...) close the connection after reading off the
-    # rest of the body: service.api.early does that for every route.
-    PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid"),
-    BodyTimeout: ErrorSpec(408, "request_timeout", "timeout"),
+    PayloadTooLarge: ErrorSpec(413, "payload_too_large", "invalid", close=True),
+    BodyTimeout: ErrorSpec(408, "request_timeout", "timeout", close=True),
     Overloaded: ErrorSpec(429, "overloaded", "overloaded", retry_after=True),
     DeadlineExceeded: ErrorSpec(504, "deadline_exceeded", "timeout"),
     EngineFailed: ErrorSpec(500, "inference_failed", "error"),
@@ -80,6 +81,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     if spec is INTERNAL:
         log.error("unexpected error", exc_info=exc)
     headers = {"Retry-After": RETRY_AFTER_S} if spec.retry_after else {}
+    if spec.close:
+        headers["Connection"] = "close"
     message = str(exc) or type(exc).__name__
     return JSONResponse(error_body(spec.type, message), status_code=spec.status, headers=headers)
 
