@@ -130,6 +130,10 @@ class RouterEngine:
         return reserved
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        return self.run_timed(x)[0]
+
+    def run_timed(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """The answer and the engine process's compute seconds (see :meth:`RemoteEngine.run_timed`)."""
         samples = int(x.shape[0]) if x.ndim else 0
         reserved = self._release_reservation()
         tried: set[int] = set()
@@ -150,7 +154,7 @@ class RouterEngine:
                 assert pool is not None
                 device.running += 1
             try:
-                return pool.run(x)
+                return pool.run_timed(x)
             except EngineUnreached as exc:  # it never saw the batch: the input is intact, another device can
                 self._mark_down(index, pool, exc)
                 tried.add(index)
