@@ -160,6 +160,7 @@ def test_runtime_args_are_service_flags(runtime: Manifest, inference_service: Ma
     assert str(settings.model_dir) == "/mnt/models"  # where KServe mounts the model
     assert settings.model_dump()["model_name"] == name  # /v2/models/<the InferenceService's name>
     assert settings.port == 8080 and settings.provider == "cuda"
+    assert settings.grpc_port == 9000  # KServe's gRPC port
     port = by_name(container["ports"], "http1")["containerPort"]
     assert port == settings.port
     for probe in ("readinessProbe", "livenessProbe"):

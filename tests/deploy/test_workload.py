@@ -48,11 +48,13 @@ def test_ports_match_the_settings_and_the_service(container: Manifest) -> None:
     env = env_of(container)
     ports = container["ports"]
     assert by_name(ports, "http")["containerPort"] == int(env.get("ENCODER_PORT", Settings().port))
+    assert by_name(ports, "grpc")["containerPort"] == int(env["ENCODER_GRPC_PORT"])
     service_ports = one("Service")["spec"]["ports"]
-    assert {port["name"] for port in service_ports} == {"http"}
+    assert {port["name"] for port in service_ports} == {"http", "grpc"}
     for port in service_ports:
         assert port["targetPort"] in {p["name"] for p in ports}, port
     assert by_name(service_ports, "http")["appProtocol"] == "http"
+    assert by_name(service_ports, "grpc")["appProtocol"] == "kubernetes.io/h2c"  # gRPC without TLS
 
 
 def test_probes_use_the_service_endpoints(container: Manifest) -> None:
@@ -84,7 +86,6 @@ def test_termination_grace_covers_the_drain(deployment: Manifest, container: Man
     assert drain > 0, "readiness must turn 503 while the pod still serves"
     needed = float(pre_stop[1]) + drain + graceful
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= needed + 10
-
 
 
 def test_one_gpu_per_pod(container: Manifest) -> None:
