@@ -60,7 +60,10 @@ def send_hello(sock: socket.socket, payload: dict[str, Any], fds: tuple[int, ...
     if fds:
         sent = socket.send_fds(sock, [frame], list(fds))
         frame = frame[sent:]
-    sock.sendall(frame)
+    if frame:
+        # Never an empty send: once the peer has read the whole frame it may refuse it and close, and a zero-byte
+        # send to a closed peer fails with EPIPE although everything was delivered.
+        sock.sendall(frame)
 
 
 def recv_hello(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:

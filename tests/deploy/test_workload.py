@@ -128,3 +128,9 @@ def test_autoscaler_targets_the_deployment(deployment: Manifest) -> None:
     assert hpa["minReplicas"] >= 2, "with one pod the disruption budget would block every drain"
     assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
     assert [metric["type"] for metric in hpa["metrics"]] == ["Pods"]
+
+
+def test_keep_alive_outlasts_proxy_idle_timeouts(container: Manifest) -> None:
+    # An idle connection must be closed by the proxy (ingress-nginx, cloud load balancers: 60-75 s), never by the
+    # service, or a request sent on it at that instant gets a reset.
+    assert float(env_of(container)["ENCODER_KEEP_ALIVE_S"]) > 75
