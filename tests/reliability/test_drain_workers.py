@@ -122,9 +122,11 @@ def post_fresh(port: int, x: np.ndarray) -> tuple[int, bytes, float]:
 
 
 def refused(port: int) -> bool:
+    """Nothing accepts new connections any more. A reset counts too: a connection that reached the kernel's
+    queue (or a worker that was closing) just before the last listener closed is reset, not answered."""
     try:
         httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
         return True
     return False
 
