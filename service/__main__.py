@@ -115,16 +115,20 @@ def serve(settings: Settings, devices: tuple[Device, ...] | None = None) -> None
         serve_one(settings, common)
         return
     # Several processes: each worker rebuilds the settings from the environment; metrics go through
-    # prometheus_client's multiprocess files, set up before any worker imports it. uvicorn's supervisor sends
-    # each worker SIGTERM, which finishes its accepted requests (no drain window).
+    # prometheus_client's multiprocess files, set up before any worker imports it. The supervisor drains all
+    # workers on one clock (service/drain.py), then they finish their accepted requests.
+    from service.drain import run_workers
+
     with worker_environment(settings, devices[0].environment() if devices[0].on_gpu else {}):
         log.info("%s workers, each with its own engine", settings.workers)
-        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
+        run_workers(settings, common)
 
 
 def serve_with_engine_processes(settings: Settings, devices: tuple[Device, ...], common: dict[str, Any]) -> None:
     """One engine process per device, warm before any worker starts and restarted when it dies; the workers
-    attach to all of them. Exits 1 when an engine kept dying (the orchestrator replaces the pod)."""
+    attach to all of them. Exits 1 when an engine kept dying (the orchestrator replaces the pod). The engines
+    stop after the workers: every request a worker accepted during the drain is computed first."""
+    from service.drain import run_workers
     from service.engine.supervisor import RestartPolicy, supervised
 
     labels = ", ".join(device.label for device in devices)
@@ -134,7 +138,7 @@ def serve_with_engine_processes(settings: Settings, devices: tuple[Device, ...],
         if settings.workers == 1:
             serve_one(settings.model_copy(update={"engine_dir": supervisor.directory}), common)
         else:
-            uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, **common)
+            run_workers(settings, common)
     if supervisor.gave_up is not None:
         log.error("exiting with status 1: %s", supervisor.gave_up)
         raise SystemExit(1)

@@ -1,4 +1,5 @@
-"""uvicorn's Server with a graceful drain: what SIGTERM does to a single-worker service.
+"""uvicorn's Server with a graceful drain: what SIGTERM does to a single-worker service (service/drain.py
+builds the same for ``--workers N`` on it).
 
 1. At once: /readyz answers 503, so load balancers stop sending new work; requests that still arrive meanwhile
    are served (their balancer has not noticed yet).
