@@ -163,8 +163,10 @@ def test_script_exit_status_and_message(tmp_path: Path) -> None:
 
 def test_make_test_checks_programs_before_anything_else() -> None:
     """`make test` (and so CI, whose .ci/run is `make test`) runs the check first, then the suite."""
+    # Under `make test` itself the parent's MAKEFLAGS/MAKELEVEL would make this make print "Entering directory".
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     dry = subprocess.run(
-        ["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ}
+        ["make", "--no-print-directory", "-n", "test"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
     )
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.splitlines()
