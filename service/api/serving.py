@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
@@ -25,10 +25,18 @@ T = TypeVar("T")
 
 async def encode(request: Request, state: ServiceState) -> Response:
     """Answer one /encode request; every request is counted exactly once, by outcome."""
+    return await counted(state, _encode(request, state, time.monotonic()), error_response)
+
+
+async def counted(
+    state: ServiceState, work: Awaitable[Response], on_error: Callable[[BaseException], Response]
+) -> Response:
+    """Await an inference answer, turning domain errors into ``on_error``'s answer (each protocol has its own
+    error body); every request is counted exactly once in the request metrics, by outcome."""
     started = time.perf_counter()
     outcome = "error"
     try:
-        response = await _encode(request, state, time.monotonic())
+        response = await work
         outcome = "ok"
         return response
     except asyncio.CancelledError:
@@ -36,7 +44,7 @@ async def encode(request: Request, state: ServiceState) -> Response:
         raise
     except Exception as exc:
         outcome = spec_for(exc).outcome
-        return error_response(exc)
+        return on_error(exc)
     finally:
         state.metrics.observe_request(outcome, time.perf_counter() - started)
 

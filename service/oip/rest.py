@@ -8,7 +8,6 @@ come in the protocol's ``{"error": "..."}`` form with the status codes ``/encode
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.api.deps import State
 from service.api.errors import RETRY_AFTER_S, spec_for
-from service.api.serving import read_body_until, until_disconnected
+from service.api.serving import counted, read_body_until, until_disconnected
 from service.dataplane import admitted, off_loop_if_large, timeout_s
 from service.oip import dataplane as oip
 from service.oip import rest_codec as codec
@@ -73,20 +72,7 @@ def infer_target(path: str) -> tuple[str, str | None] | None:
 
 async def infer(request: Request, state: ServiceState, model: str, version: str | None) -> Response:
     """Answer one inference request; counted exactly once in the request metrics, by outcome (as /encode)."""
-    started = time.perf_counter()
-    outcome = "error"
-    try:
-        response = await _infer(request, state, model, version, time.monotonic())
-        outcome = "ok"
-        return response
-    except asyncio.CancelledError:
-        outcome = "cancelled"
-        raise
-    except Exception as exc:
-        outcome = spec_for(exc).outcome
-        return error_response(exc)
-    finally:
-        state.metrics.observe_request(outcome, time.perf_counter() - started)
+    return await counted(state, _infer(request, state, model, version, time.monotonic()), error_response)
 
 
 async def _infer(request: Request, state: ServiceState, model: str, version: str | None, arrived: float) -> Response:
