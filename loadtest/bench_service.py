@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from loadtest.peers import litserve_server, oip_bench
+from loadtest.peers import litserve_server, oip_bench, profile
 from loadtest.peers.launch import ServerFailed, ServerProcess, free_port
 from loadtest.peers.loadgen import drive, make_spec
 from loadtest.peers.scrape import Samples, batch_sizes, device_samples, scrape, time_breakdown
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the service's --devices; repeat to compare in one run (e.g. --devices 0 --devices 0,1): every service "
         "server runs once per value, its rows named service@<devices>",
     )
-    p.add_argument("--profile", action="store_true", help="py-spy the service at the top concurrency, if installed")
+    p.add_argument("--profile", action="store_true", help="py-spy the service at the top raw concurrency, if installed")
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, help="default loadtest/results/service-<card>-<date>.json")
     p.add_argument("--log-level", default="INFO")
@@ -149,13 +149,8 @@ def server_command(
     raise ValueError(kind)
 
 
-def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
-    if not shutil.which("py-spy"):
-        log.warning("--profile: py-spy is not installed here; no profile taken")
-        return None
-    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--duration", str(int(seconds))]
-    command += ["--format", "speedscope", "--output", str(out), "--nonblocking"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+def profile_path(args: argparse.Namespace, point: str) -> Path:
+    return Path(args.out.with_name(f"{args.out.stem}-profile-{slug(point)}.txt"))
 
 
 def try_scrape(url: str) -> Samples | None:
@@ -175,12 +170,10 @@ def measure(entry: str, server: ServerProcess, args: argparse.Namespace, dim: in
     before, started = (try_scrape(server.url) if ours else None), time.time()
     profiler = None
     if ours and args.profile and conc == max(args.concurrencies):
-        profile_path = args.out.with_name(f"{args.out.stem}-profile-{entry}-c{conc}.speedscope.json")
-        profiler = start_profile(server.pid or 0, args.duration + args.warmup, profile_path)
+        profiler = profile.start(server.pid or 0, args.duration + args.warmup, profile_path(args, f"{entry}-c{conc}"))
     point = drive(spec, conc, args.clients, args.warmup, args.duration)
     if profiler is not None:
-        profiler.wait(120)
-        point["profile"] = str(profile_path)
+        point["profile"] = profile.finish(profiler)
     after = try_scrape(server.url) if ours else None
     if before is not None and after is not None:
         point["server_batches"] = batch_sizes(before, after)
@@ -222,7 +215,8 @@ def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]
                 if entry in oip_bench.OIP_SERVERS:
                     metrics = f"http://127.0.0.1:{metrics_port if kind == 'triton' else port}"
                     http, grpc = f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
-                    results += oip_bench.oip_points(entry, (http, grpc, metrics), args, skipped)
+                    pid = server.pid if entry == "service" else None
+                    results += oip_bench.oip_points(entry, (http, grpc, metrics), args, skipped, pid)
         except ServerFailed as exc:
             skipped[kind] = str(exc).splitlines()[0]
             log.error("%s failed: %s", kind, exc)

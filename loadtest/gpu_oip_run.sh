@@ -40,6 +40,7 @@ WARMUP=${WARMUP:-1}
 MAX_BATCH=${MAX_BATCH:-64}                   # the service's and Triton's largest engine batch
 MAX_DELAY_MS=${MAX_DELAY_MS:-0}              # the service's batch wait and Triton's max_queue_delay
 TRITON_INSTANCES=${TRITON_INSTANCES:-2}
+PROFILE_POINTS=${PROFILE_POINTS:-shm-http:16}  # py-spy the service at these loads (PROTOCOL:BATCH, comma-separated)
 BUDGET_S=${BUDGET_S:-510}                    # the benchmark is stopped past this (the host allows 9 minutes)
 
 {
@@ -78,13 +79,16 @@ each = float(sys.argv[5]) + float(sys.argv[6]) + 2.5  # measured + warm-up + cli
 print(f"{n} points: about {n * each:.0f} s of load, plus server start-ups")
 EOF
 
+profile_flags=()
+for point in ${PROFILE_POINTS//,/ }; do profile_flags+=(--profile-point "$point"); done
+
 started=$(date +%s)
 timeout --signal=INT --kill-after=20 "$BUDGET_S" "$PY" loadtest/bench_service.py \
   --device "$DEVICE" --model-dir "$BUNDLE" --servers service,triton --protocols "$PROTOCOLS" \
   --client-batches "$BATCHES" --concurrency "$CONCURRENCY" --batch-inflight-samples "$BATCH_SAMPLES" \
   --duration "$DURATION" --warmup "$WARMUP" --workers "$WORKERS" --clients "$CLIENTS" --seq "$SEQ" \
   --max-batch-size "$MAX_BATCH" --max-delay-ms "$MAX_DELAY_MS" --triton-instances "$TRITON_INSTANCES" \
-  --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  "${profile_flags[@]}" --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 echo "benchmark exit code $rc after $(( $(date +%s) - started ))s; results in $OUT" | tee -a "$OUT/bench.log"
 exit "$rc"

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtest.peers import profile
 from loadtest.peers.launch import REPO_ROOT, child_env
 from loadtest.peers.loadgen import drive
 from loadtest.peers.oip_clients import (
@@ -46,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--triton-instances", type=int, default=2, help="Triton model instances (stub processes)")
     p.add_argument("--triton-http-threads", type=int, default=0, help="tritonserver --http-thread-count (0: default)")
+    p.add_argument(
+        "--profile-point",
+        action="append",
+        default=[],
+        help="PROTOCOL:BATCH (e.g. shm-http:16): py-spy the service at that load's top concurrency (repeatable)",
+    )
     p.add_argument("--check-tolerance", type=float, default=2e-2, help="relative L2 error allowed per sample")
 
 
@@ -168,11 +175,12 @@ def triton_stats(before: Samples, after: Samples, wall_s: float) -> dict[str, An
 
 
 def oip_points(
-    entry: str, urls: tuple[str, str, str], args: argparse.Namespace, skipped: dict[str, str]
+    entry: str, urls: tuple[str, str, str], args: argparse.Namespace, skipped: dict[str, str], pid: int | None = None
 ) -> list[dict[str, Any]]:
     """Every (protocol, client batch, concurrency) point of the OIP loads on one running server.
 
     ``urls``: (HTTP host:port, gRPC host:port, metrics base URL); loads the service cannot serve go to ``skipped``.
+    ``pid``: the server's process, profiled at the ``--profile-point`` loads.
     """
     http, grpc, metrics_url = urls
     refs: References = args.references
@@ -185,10 +193,17 @@ def oip_points(
         for batch in args.client_batch_list:
             inputs, expected = refs.get(batch)
             spec = OipSpec(protocol, http, grpc, inputs, expected, tolerance=args.check_tolerance)
-            for conc in concurrencies(args, batch):
+            concs = concurrencies(args, batch)
+            for conc in concs:
                 log.info("%s %s x%d at concurrency %d for %.0f s", entry, protocol, batch, conc, args.duration)
                 before, started = _try_scrape(metrics_url), time.time()
+                profiler = None
+                if pid is not None and f"{protocol}:{batch}" in args.profile_point and conc == max(concs):
+                    stem = args.out.with_name(f"{args.out.stem}-profile-{entry}-{protocol}-x{batch}-c{conc}.txt")
+                    profiler = profile.start(pid, args.duration + args.warmup, stem)
                 point = drive(spec, conc, args.clients, args.warmup, args.duration, client=oip_client_main)
+                if profiler is not None:
+                    point["profile"] = profile.finish(profiler)
                 after, wall = _try_scrape(metrics_url), time.time() - started
                 if before is not None and after is not None:
                     point |= server_stats(entry, before, after, wall)
