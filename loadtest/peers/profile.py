@@ -27,6 +27,7 @@ from typing import Any
 RATE_HZ = 97  # samples per second and thread: below py-spy's default 100, off the beat of 10 ms timers
 TOP = 15
 _PROCESS = re.compile(r'^process (\d+):"(.*)"$')
+_PROCESS_ANYWHERE = re.compile(r'process \d+:"[^"]*"')
 
 
 @dataclass
@@ -97,11 +98,16 @@ def summarize(collapsed: str, seconds: float) -> dict[str, Any]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        # A command line may hold ";" (spawn's "-c ...; spawn_main(...)"): not a frame separator there.
+        stack = _PROCESS_ANYWHERE.sub(lambda m: m.group(0).replace(";", ","), stack)
         frames = stack.split(";")
-        match = _PROCESS.match(frames[0])
+        # With --subprocesses a child's stacks sit under its parent's process frame: the last one is the process.
+        marks = [i for i, frame in enumerate(frames) if _PROCESS.match(frame)]
+        match = _PROCESS.match(frames[marks[-1]]) if marks else None
         key = f"pid {match.group(1)}" if match else "?"
         roles.setdefault(key, _role(match.group(2)) if match else "?")
-        body = [_frame_name(f) for f in frames[1:] if not f.startswith("thread ")] if match else frames
+        rest = frames[marks[-1] + 1 :] if marks else frames
+        body = [_frame_name(f) for f in rest if not f.startswith("thread ")]
         samples[key] += count
         if body:
             self_time.setdefault(key, Counter())[body[-1]] += count

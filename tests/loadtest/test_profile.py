@@ -15,7 +15,10 @@ from loadtest.peers import profile
 ENGINE = (
     'process 10:"python -m service.engine.host --socket x";<module> (host.py:1);_run_next (service/engine/host.py:270)'
 )
-WORKER = 'process 11:"python -c from multiprocessing.spawn import spawn_main";<module> (x.py:1)'
+WORKER = (
+    'process 9:"python -m service";process 11:"python -c from multiprocessing.spawn import spawn_main; spawn_main(1)"'
+)
+WORKER += ";<module> (x.py:1)"
 COLLAPSED = textwrap.dedent(
     f"""\
     {ENGINE};run_into (converter/session.py:200) 30
