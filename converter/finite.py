@@ -1,0 +1,96 @@
+"""Which samples of a batch hold a NaN or an infinity, computed where the batch already is.
+
+The service refuses non-finite inputs (422). On the host that check is a full read of every input: on an H200
+host serving system shared memory it was the largest single cost in a worker (py-spy, client batches of 16,
+2026-11-30: more than the two host copies together), because the worker reads each 301 KB sample from another
+process's memory only to check it. Once the engine copies inputs straight from a client's region to the GPU,
+no worker needs to touch those bytes, and the check runs on the device instead, on the batch already there.
+
+How: for IEEE floats ``x - x`` is 0 when ``x`` is finite and NaN when it is an infinity or a NaN, and a sum
+propagates NaN, so ``ReduceSum(x - x)`` over (S, D) is exactly 0 for a finite sample and NaN otherwise (a sum of
+zeros cannot overflow, in any precision). A two-node ONNX graph run by onnxruntime on the device buffer, B
+numbers back to the host: no host pass over the data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+OPSET = 18  # ReduceSum takes its axes as an input from opset 13 on
+_ELEMENT = {np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.float32): TensorProto.FLOAT}
+
+
+def finite_graph(dtype: np.dtype[Any]) -> onnx.ModelProto:
+    """x: (B, S, D) -> y: (B,), 0 where the sample is finite, NaN where it holds an Inf or a NaN."""
+    element = _ELEMENT[np.dtype(dtype)]
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["x", "x"], ["zero_or_nan"]),
+            helper.make_node("ReduceSum", ["zero_or_nan", "axes"], ["y"], keepdims=0),
+        ],
+        "finite_samples",
+        [helper.make_tensor_value_info("x", element, ["batch", "seq", "dim"])],
+        [helper.make_tensor_value_info("y", element, ["batch"])],
+        initializer=[axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9  # what onnxruntime 1.2x+ reads; the graph uses nothing newer
+    onnx.checker.check_model(model)
+    return model
+
+
+class FiniteCheck:
+    """Per-sample finiteness of a batch in device (or host) memory, one onnxruntime run per call.
+
+    ``provider`` is the session's: CUDAExecutionProvider checks device buffers (:meth:`device`), the CPU one
+    host arrays (:meth:`host`, for tests and the CPU engine). Not thread-safe: the engine calls it from the one
+    thread that runs its batches.
+    """
+
+    def __init__(self, dtype: np.dtype[Any], provider: str = "CPUExecutionProvider", device_id: int = 0) -> None:
+        self.dtype = np.dtype(dtype)
+        self.device_id = device_id
+        self.on_gpu = provider == "CUDAExecutionProvider"
+        providers: list[Any] = [(provider, {"device_id": device_id})] if self.on_gpu else [provider]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the graph's shape ops are not worth a warning per session
+        self.session = ort.InferenceSession(
+            finite_graph(self.dtype).SerializeToString(), sess_options=options, providers=providers
+        )
+        if self.session.get_providers()[0] != provider:
+            raise RuntimeError(f"the finiteness check wanted {provider}, got {self.session.get_providers()}")
+        self._binding = self.session.io_binding()
+
+    def device(self, ptr: int, shape: tuple[int, int, int]) -> np.ndarray:
+        """Finite flags (bool, one per sample) of the (B, S, D) batch at device pointer ``ptr``. The caller
+        makes sure the batch is there (its copy stream synchronised) before calling."""
+        if not self.on_gpu:
+            raise RuntimeError("device() needs the CUDA execution provider")
+        return self._run("cuda", ptr, shape)
+
+    def host(self, array: np.ndarray) -> np.ndarray:
+        """Finite flags of a host (B, S, D) array of this check's dtype (C-contiguous)."""
+        if array.dtype != self.dtype or array.ndim != 3 or not array.flags.c_contiguous:
+            wanted = f"a C-contiguous (B, S, D) {self.dtype.name} array"
+            raise ValueError(f"expected {wanted}, got {array.dtype} {array.shape}")
+        if self.on_gpu:
+            y = self.session.run(["y"], {"x": array})[0]
+            return np.asarray(y == 0)
+        return self._run("cpu", int(array.ctypes.data), array.shape)  # type: ignore[arg-type]
+
+    def _run(self, device: str, ptr: int, shape: tuple[int, int, int]) -> np.ndarray:
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        device_id = self.device_id if device == "cuda" else 0
+        binding.bind_input("x", device, device_id, self.dtype, list(shape), ptr)
+        binding.bind_output("y", "cpu")  # B numbers: onnxruntime copies them back itself
+        self.session.run_with_iobinding(binding)
+        (y,) = binding.copy_outputs_to_cpu()
+        return np.asarray(y == 0)
