@@ -190,7 +190,7 @@ def worker_environment(settings: Settings, extra: dict[str, str] | None = None) 
     os.environ.update(settings.to_env())
     os.environ.update(extra or {})
     # The shared-memory registry every worker reads: a region registered through one serves them all.
-    shm_dir = tempfile.mkdtemp(prefix="encoder-shm-") if "system" in settings.shared_memory_kinds else None
+    shm_dir = tempfile.mkdtemp(prefix="encoder-shm-") if settings.shared_memory_kinds else None
     if shm_dir is not None:
         os.environ[ENV_PREFIX + "SHARED_MEMORY_DIR"] = shm_dir
     try:
@@ -203,6 +203,16 @@ def worker_environment(settings: Settings, extra: dict[str, str] | None = None) 
             shutil.rmtree(shm_dir, ignore_errors=True)
 
 
+def check_cuda_shared_memory(settings: Settings) -> None:
+    """With ``--shared-memory cuda``: the device layer loads and the devices it must serve exist (ValueError
+    or RuntimeError, before anything starts)."""
+    if "cuda" in settings.shared_memory_kinds:
+        from service.cudashm.device import device_memory
+        from service.cudashm.devices import device_map
+
+        device_map(settings, device_memory(settings.cuda_memory))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_settings(argv)
@@ -212,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         devices = resolve_devices(settings)
+        check_cuda_shared_memory(settings)
         settings = resolve_model(settings)
     except Exception as exc:  # a bad bundle, a failed conversion, no such GPU: one clear line, no traceback
         log.error("cannot serve: %s", exc)

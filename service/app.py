@@ -20,12 +20,13 @@ from service.api.deps import ServiceState
 from service.api.errors import install_error_handlers
 from service.api.routes import router
 from service.batching.batcher import Batcher, BatcherConfig
+from service.cudashm.devices import open_cuda_shared_memory
 from service.engine.base import Engine
 from service.engine.devices import local_label
 from service.engine.factory import build_engine
 from service.metrics import Metrics
+from service.oip import cudashm_rest, shm_rest
 from service.oip import rest as oip_rest
-from service.oip import shm_rest
 from service.oip.grpc_server import start_grpc
 from service.oip.stats import StatsObserver
 from service.settings import Settings
@@ -131,13 +132,19 @@ def open_shared_memory(settings: Settings) -> SystemSharedMemory | None:
     )
 
 
+def system_has(system: SystemSharedMemory | None, name: str) -> bool:
+    """Is ``name`` a registered system region (CUDA and system regions share one namespace)?"""
+    return system is not None and system.records.read_raw(name) is not None
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The ASGI app. ``engine`` is for tests (e.g. a FakeEngine); by default the lifespan builds an OnnxEngine."""
     state = ServiceState(settings=settings, metrics=Metrics())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.shared_memory = open_shared_memory(settings)
+        state.shared_memory = system = open_shared_memory(settings)
+        state.cuda_shared_memory = open_cuda_shared_memory(settings, lambda name: system_has(system, name))
         loading = asyncio.create_task(bring_up(state, engine), name="encoder-load")
         if settings.workers > 1:
             # Workers share one listening socket and uvicorn accepts only after the lifespan started, so a worker
@@ -166,6 +173,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             state.metrics.close()
             if isinstance(state.shared_memory, SystemSharedMemory):
                 state.shared_memory.close()
+            if state.cuda_shared_memory is not None:
+                state.cuda_shared_memory.close()
 
     app = EncoderApp(title="encoder-service", version="0.1.0", lifespan=lifespan)
     app.state.service = state
@@ -175,6 +184,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(oip_rest.router)
     app.include_router(shm_rest.router)
+    app.include_router(cudashm_rest.router)
     return app
 
 

@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "ENCODER_"
 MIB = 1 << 20
-SHARED_MEMORY_KINDS = ("none", "system")
+SHARED_MEMORY_KINDS = ("none", "system", "cuda")
 
 
 class Settings(BaseSettings):
@@ -97,10 +97,13 @@ class Settings(BaseSettings):
     max_shared_memory_bytes: int = Field(
         default=4 << 30,
         ge=1,
-        description="system shared memory: most bytes registered in all regions together; beyond it, 409",
+        description="shared memory: most bytes registered in all regions of one kind (system, CUDA) together; "
+        "beyond it, 409",
     )
     max_shared_memory_regions: int = Field(
-        default=256, ge=1, description="system shared memory: most regions registered at once; beyond it, 409"
+        default=256,
+        ge=1,
+        description="shared memory: most regions of one kind (system, CUDA) registered at once; beyond it, 409",
     )
     shared_memory_dir: str | None = Field(
         default=None,
@@ -136,7 +139,12 @@ class Settings(BaseSettings):
     )
     shared_memory: str = Field(
         default="none",
-        description="Open Inference Protocol shared-memory extensions: 'none' or a comma list of 'system'",
+        description="Open Inference Protocol shared-memory extensions: 'none' or a comma list of 'system', 'cuda'",
+    )
+    cuda_memory: Literal["cuda", "fake"] = Field(
+        default="cuda",
+        description="CUDA shared memory's device layer: 'cuda' (the CUDA runtime); test-only: 'fake' (a handle "
+        "names a host shared-memory object, so the extension runs without a GPU)",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(default="info", description="log level")
     access_log: bool = Field(
@@ -171,7 +179,7 @@ class Settings(BaseSettings):
 
     @property
     def shared_memory_kinds(self) -> frozenset[str]:
-        """The enabled shared-memory extensions ('system'); empty with 'none'."""
+        """The enabled shared-memory extensions ('system', 'cuda'); empty with 'none'."""
         return frozenset(self.shared_memory.split(",")) - {"none"}
 
     @field_validator("devices")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.batching.batcher import Batcher
 from service.engine.base import Engine
@@ -12,6 +13,9 @@ from service.metrics import Metrics
 from service.oip.stats import ModelStats
 from service.oip.types import SharedMemory
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.cudashm import CudaSharedMemory
 
 
 @dataclass
@@ -27,6 +31,7 @@ class ServiceState:
     load_error: str | None = None
     oip_stats: ModelStats = field(default_factory=ModelStats)  # the OIP statistics extension (this worker)
     shared_memory: SharedMemory | None = None  # the OIP shared-memory registry, when --shared-memory enables one
+    cuda_shared_memory: CudaSharedMemory | None = None  # the CUDA shared-memory registry, with --shared-memory cuda
 
     def start_draining(self) -> None:
         """SIGTERM arrived: /readyz turns 503 (requests that still arrive are served)."""

@@ -12,14 +12,16 @@ precision the engine computes in.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service import dataplane
-from service.errors import BadRequest, InvalidInput, NotFound
+from service.errors import BadRequest, Conflict, InvalidInput, NotFound
 from service.oip.types import (
     DATATYPES,
     KNOWN_DATATYPES,
@@ -29,10 +31,15 @@ from service.oip.types import (
     OutputTensor,
     RequestedOutput,
     SharedMemory,
+    SharedMemoryRef,
     datatype_of,
 )
 from service.settings import Settings
 from service.state import ServiceState
+
+if TYPE_CHECKING:
+    from service.cudashm import Lease
+    from service.shm import SystemSharedMemory
 
 SERVER_NAME = "encoder-service"
 SERVER_VERSION = "0.1.0"
@@ -48,6 +55,8 @@ def extensions(settings: Settings) -> list[str]:
     names = ["binary_tensor_data", "statistics"]
     if "system" in settings.shared_memory_kinds:
         names.append("system_shared_memory")
+    if "cuda" in settings.shared_memory_kinds:
+        names.append("cuda_shared_memory")
     return names
 
 
@@ -168,19 +177,33 @@ async def _infer(
     engine, batcher = state.ready_parts()
     tensor = the_input(request.inputs)
     wanted = requested_output(request)
-    array = input_array(tensor, shm)
-    # An output region is resolved before computing: a bad one costs no engine time, and the view holds the
-    # mapping, so unregistering the region while this request computes cannot take its destination away.
-    target = None if wanted.shm is None else _shm(shm).output_array(wanted.shm, array.dtype, array.shape)
-    deadline = request_deadline(deadline, request.timeout_ms, arrived)
-    result = await dataplane.infer(engine, batcher, array, deadline)
-    output = result.output if array.ndim == 3 else result.output[0]
-    out = OutputTensor(name=OUTPUT, datatype=tensor.datatype, shape=tuple(output.shape), binary=wanted.binary)
-    if target is not None:
-        np.copyto(target, output, casting="same_kind")  # the answer has the input's shape; one pass, cast included
-        out.shm = wanted.shm
-    else:
-        out.data = output.astype(array.dtype, copy=False)
+    with contextlib.ExitStack() as leases:
+        # CUDA regions (named like system ones): each is held from here until its answer is written.
+        cuda_in = cuda_lease(state, tensor.shm, DATATYPES[tensor.datatype], tensor.shape, leases)
+        if cuda_in is not None:
+            if tensor.data is not None:
+                raise BadRequest(f"input {tensor.name!r} has both data and a shared-memory region")
+            array = await asyncio.to_thread(cuda_in.read, DATATYPES[tensor.datatype], check_shape(tensor.shape))
+        else:
+            array = input_array(tensor, system_regions(state, shm))
+        # An output region is resolved before computing: a bad one costs no engine time, and the view holds the
+        # mapping, so unregistering the region while this request computes cannot take its destination away.
+        cuda_out = cuda_lease(state, wanted.shm, array.dtype, array.shape, leases)
+        target = None
+        if wanted.shm is not None and cuda_out is None:
+            target = _shm(system_regions(state, shm)).output_array(wanted.shm, array.dtype, array.shape)
+        deadline = request_deadline(deadline, request.timeout_ms, arrived)
+        result = await dataplane.infer(engine, batcher, array, deadline)
+        output = result.output if array.ndim == 3 else result.output[0]
+        out = OutputTensor(name=OUTPUT, datatype=tensor.datatype, shape=tuple(output.shape), binary=wanted.binary)
+        if cuda_out is not None:
+            await asyncio.to_thread(cuda_out.write, output.astype(array.dtype, copy=False))
+            out.shm = wanted.shm
+        elif target is not None:
+            np.copyto(target, output, casting="same_kind")  # the answer has the input's shape; one pass, cast included
+            out.shm = wanted.shm
+        else:
+            out.data = output.astype(array.dtype, copy=False)
     return InferResponse(
         model=request.model,
         version=MODEL_VERSION,
@@ -247,9 +270,53 @@ def check_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _shm(shm: SharedMemory | None) -> SharedMemory:
-    if shm is None:
-        raise BadRequest("shared memory is not enabled on this server (start it with --shared-memory system)")
+def cuda_lease(
+    state: ServiceState,
+    ref: SharedMemoryRef | None,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    leases: contextlib.ExitStack,
+) -> Lease | None:
+    """A hold on ``ref`` when it names a CUDA region (released with ``leases``); None for anything else."""
+    cuda = state.cuda_shared_memory
+    if ref is None or cuda is None:
+        return None
+    lease = cuda.lease(ref, dtype, check_shape(shape))
+    if lease is not None:
+        leases.callback(lease.release)
+    return lease
+
+
+def system_regions(state: ServiceState, shm: SharedMemory | None) -> SharedMemory | None:
+    """``shm``, the system registry; with CUDA shared memory on and system off, a name that is no CUDA region is
+    no region at all (404), not a disabled extension."""
+    if shm is None and state.cuda_shared_memory is not None:
+        return _NoSystemRegions()
     return shm
 
 
+class _NoSystemRegions:
+    def input_array(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        raise NotFound(f"no shared-memory region {ref.region!r} is registered")
+
+    output_array = input_array
+
+
+def register_system_region(
+    state: ServiceState, registry: SystemSharedMemory, name: str, key: str, offset: int, byte_size: int
+) -> None:
+    """Register a system region under a name no CUDA region has (one namespace for both kinds, as in Triton)."""
+    cuda = state.cuda_shared_memory
+    if cuda is None:
+        registry.register(name, key, offset, byte_size)
+        return
+    with cuda.names_locked():
+        if cuda.has(name):
+            raise Conflict(f"a shared-memory region named {name!r} is already registered; unregister it first")
+        registry.register(name, key, offset, byte_size)
+
+
+def _shm(shm: SharedMemory | None) -> SharedMemory:
+    if shm is None:
+        raise BadRequest("shared memory is not enabled on this server (start it with --shared-memory system or cuda)")
+    return shm

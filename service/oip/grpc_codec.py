@@ -333,3 +333,7 @@ def model_config(values: Mapping[str, Any]) -> pb.ModelConfigResponse:
 
 def region_status(values: Mapping[str, Any]) -> pb.SystemSharedMemoryStatusResponse.RegionStatus:
     return from_dict(pb.SystemSharedMemoryStatusResponse.RegionStatus(), values)
+
+
+def cuda_region_status(values: Mapping[str, Any]) -> pb.CudaSharedMemoryStatusResponse.RegionStatus:
+    return from_dict(pb.CudaSharedMemoryStatusResponse.RegionStatus(), values)

@@ -20,6 +20,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from service.cudashm import CudaSharedMemory
 from service.dataplane import admitted
 from service.errors import BadRequest
 from service.oip import dataplane as oip
@@ -148,7 +149,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        self._registry().register(request.name, request.key, request.offset, request.byte_size)
+        registry = self._registry()
+        oip.register_system_region(self._state, registry, request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc
@@ -158,17 +160,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._registry().unregister(request.name or None)  # no name: every region, as in Triton
         return pb.SystemSharedMemoryUnregisterResponse()
 
-    @rpc
-    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        raise not_enabled("the CUDA shared-memory extension")
+    def _cuda(self) -> CudaSharedMemory:
+        registry = self._state.cuda_shared_memory
+        if registry is None:
+            raise not_enabled("the CUDA shared-memory extension")
+        return registry
 
     @rpc
-    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        raise not_enabled("the CUDA shared-memory extension")
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in self._cuda().status(request.name or None):
+            response.regions[region["name"]].CopyFrom(codec.cuda_region_status(region))
+        return response
 
     @rpc
-    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        raise not_enabled("the CUDA shared-memory extension")
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        registry = self._cuda()
+        # Opening a handle (and, the first time, this worker's CUDA context) takes a while: off the event loop.
+        await asyncio.to_thread(
+            registry.register, request.name, request.raw_handle, request.device_id, request.byte_size
+        )
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        await asyncio.to_thread(self._cuda().unregister, request.name or None)  # no name: every region
+        return pb.CudaSharedMemoryUnregisterResponse()
 
 
 class _Captured:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.api.deps import State
 from service.errors import BadRequest
+from service.oip.dataplane import register_system_region
 from service.oip.rest import error_response
 from service.shm import SystemSharedMemory
 from service.state import ServiceState
@@ -49,7 +50,7 @@ async def register(name: str, request: Request, state: State) -> Response:
     try:
         shm = registry(state)
         body = await register_body(request)
-        shm.register(name, body["key"], body.get("offset", 0), body["byte_size"])  # types checked there
+        register_system_region(state, shm, name, body["key"], body.get("offset", 0), body["byte_size"])
     except Exception as exc:
         return error_response(exc)
     return Response(status_code=200)
@@ -67,6 +68,18 @@ async def unregister(state: State, name: str | None = None) -> Response:
 
 
 async def register_body(request: Request) -> dict[str, Any]:
+    raw = await read_body(request)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the register body is not JSON: {exc}") from None
+    if not isinstance(body, dict) or "key" not in body or "byte_size" not in body:
+        raise BadRequest('the register body is a JSON object {"key": ..., "offset": ..., "byte_size": ...}')
+    return body
+
+
+async def read_body(request: Request) -> bytes:
+    """A register body, at most :data:`MAX_BODY_BYTES`."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise BadRequest(f"a register body has at most {MAX_BODY_BYTES} bytes")
@@ -75,10 +88,4 @@ async def register_body(request: Request) -> dict[str, Any]:
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
             raise BadRequest(f"a register body has at most {MAX_BODY_BYTES} bytes")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the register body is not JSON: {exc}") from None
-    if not isinstance(body, dict) or "key" not in body or "byte_size" not in body:
-        raise BadRequest('the register body is a JSON object {"key": ..., "offset": ..., "byte_size": ...}')
-    return body
+    return raw

@@ -18,10 +18,10 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 _PREFIX = "region-"
 _LOCK = ".lock"
@@ -62,11 +62,25 @@ def entry_name(name: str) -> str:
     return _PREFIX + hashlib.sha256(name.encode()).hexdigest()
 
 
-class RecordDir:
-    """The registry directory (shared by the workers of one server)."""
+class Stored(Protocol):
+    """What the directory stores: a named record that encodes to text and back."""
 
-    def __init__(self, path: Path) -> None:
+    @property
+    def name(self) -> str: ...
+
+    def encode(self) -> str: ...
+
+
+R = TypeVar("R", bound=Stored)
+
+
+class RecordDir(Generic[R]):
+    """The registry directory (shared by the workers of one server); ``decode`` reads its records back
+    (:meth:`Record.decode` for system regions; CUDA regions have records of their own)."""
+
+    def __init__(self, path: Path, decode: Callable[[str], R]) -> None:
         self.path = path
+        self._decode = decode
         self._prefix = f"{path}/"  # plain string joins: pathlib's cost 6 us of the per-request lookup
 
     def _entry(self, name: str) -> str:
@@ -79,11 +93,11 @@ class RecordDir:
         except FileNotFoundError:
             return None
 
-    def read(self, name: str) -> Record | None:
+    def read(self, name: str) -> R | None:
         raw = self.read_raw(name)
-        return None if raw is None else Record.decode(raw)
+        return None if raw is None else self._decode(raw)
 
-    def create(self, record: Record) -> bool:
+    def create(self, record: R) -> bool:
         """Store ``record``; False if its name is taken."""
         try:
             os.symlink(record.encode(), self._entry(record.name))
@@ -99,7 +113,7 @@ class RecordDir:
             return False
         return True
 
-    def all(self) -> list[Record]:
+    def all(self) -> list[R]:
         """Every registered region, by name."""
         records = []
         try:
@@ -110,7 +124,7 @@ class RecordDir:
             if not entry.startswith(_PREFIX):
                 continue
             with contextlib.suppress(FileNotFoundError):  # unregistered while we listed
-                records.append(Record.decode(os.readlink(self.path / entry)))
+                records.append(self._decode(os.readlink(self.path / entry)))
         return sorted(records, key=lambda r: r.name)
 
     @contextlib.contextmanager

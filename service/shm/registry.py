@@ -85,7 +85,7 @@ class SystemSharedMemory:
     ) -> None:
         self._owned = directory is None  # a private registry (one worker): removed on close
         path = Path(tempfile.mkdtemp(prefix="encoder-shm-")) if directory is None else Path(directory)
-        self.records = RecordDir(path)
+        self.records = RecordDir(path, Record.decode)
         self.max_regions, self.max_bytes, self.root = max_regions, max_bytes, root
         self._mapped: dict[str, MappedRegion] = {}
         self._lock = threading.Lock()  # the data plane may ask for views from a worker thread
