@@ -17,6 +17,7 @@ error) answers BROKEN to the batches it broke and GONE to every other waiting on
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
 import logging
@@ -27,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,72 +37,238 @@ from service.batching.batcher import pad_size, run_batch
 from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
 from service.engine import ipc
 from service.engine.base import Engine, EngineUnrecoverable
+from service.engine.regions import ClientRegion, RegionRefused, RegionTable
 
 log = logging.getLogger(__name__)
 Answer = tuple[int, str, float, float]  # status, message, engine seconds, seconds queued here
 HANDSHAKE_TIMEOUT_S = 10.0
+READ_BYTES = 1 << 16
+MAX_QUEUED_FDS = 8  # descriptors received ahead of their REGISTER frames; more is a protocol error
+_FD_SPACE = socket.CMSG_SPACE(MAX_QUEUED_FDS * array.array("i").itemsize)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
-    """One worker batch: its rows in that worker's arena, which the answer overwrites."""
+    """One worker batch: its parts (in the worker's arena or in client regions) and where each answer goes."""
 
     worker: _Worker
     sequence: int
-    rows: np.ndarray
+    parts: list[np.ndarray]
+    outs: list[np.ndarray]
+    samples: int
+    seq: int
     arrived: float
+    held: list[ClientRegion] = field(default_factory=list)  # client regions it uses: mapped until it is done
 
 
-class _Worker(asyncio.Protocol):
-    """One attached worker's connection: request frames in, answer frames out, all on the event loop.
+class _Worker:
+    """One attached worker's connection: frames in, answer frames out, all on the event loop.
 
-    A protocol, not a stream reader per worker: each request is parsed in ``data_received`` and queued without a
-    coroutine, future or task of its own: a round trip took 49 instead of 73 us and 40 instead of 56 us of this
-    process's CPU (no-op engine, one core, 2-core x86-64 CPU).
+    No stream reader or coroutine per worker: each request is parsed as it is read and queued without a future or
+    task of its own (a round trip took 49 instead of 73 us of this process's CPU than with streams). The socket is
+    read with ``recvmsg`` rather than through an asyncio transport because REGISTER frames carry descriptors.
     """
 
-    def __init__(self, host: EngineHost, arena: ipc.Arena, hello: dict[str, Any]) -> None:
-        self.host, self.arena, self.hello = host, arena, hello
-        self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+    def __init__(self, host: EngineHost, sock: socket.socket, arena: ipc.Arena, hello: dict[str, Any]) -> None:
+        self.host, self.sock, self.arena, self.hello = host, sock, arena, hello
+        self.regions: dict[int, ClientRegion] = {}  # this connection's region ids
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._in = bytearray()
+        self._out = bytearray()
+        self._fds: deque[int] = deque()
+        self._holding = False  # a REGISTER is being answered: later frames wait in the socket
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def start(self) -> None:
+        self._loop.add_reader(self.sock.fileno(), self._readable)
 
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        size = ipc.REQUEST.size
-        while len(self._buffer) >= size:
-            frame = ipc.REQUEST.unpack_from(self._buffer)
-            del self._buffer[:size]
-            self.host.request(self, *frame)
+    def _readable(self) -> None:
+        try:
+            data, ancillary, flags, _ = self.sock.recvmsg(READ_BYTES, _FD_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"read failed: {exc}")
+            return
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC or len(self._fds) > MAX_QUEUED_FDS:
+            self.close("protocol error: descriptors without their frames")
+            return
+        if not data:
+            self.close(None)
+            return
+        self._in += data
+        self._parse()
+
+    def _parse(self) -> None:
+        while not self._holding and not self.closed and len(self._in) >= ipc.HEADER.size:
+            kind, sequence, length = ipc.HEADER.unpack_from(self._in)
+            end = ipc.HEADER.size + length
+            if length > ipc.MAX_BODY:
+                self.close(f"protocol error: a frame of {length} bytes")
+                return
+            if len(self._in) < end:
+                return
+            body = bytes(self._in[ipc.HEADER.size : end])
+            del self._in[:end]
+            if kind == ipc.BATCH:
+                self.host.request(self, sequence, body)
+            elif kind == ipc.REGISTER:
+                self._register(sequence, body)
+            elif kind == ipc.UNREGISTER and len(body) == ipc.UNREGISTER_BODY.size:
+                region = self.regions.pop(ipc.UNREGISTER_BODY.unpack(body)[0], None)
+                if region is not None:  # an unknown id is no error: unregistering is idempotent
+                    self.host.regions.release(region)
+            else:
+                self.close(f"protocol error: frame kind {kind} of {length} bytes")
+
+    def view(self, region: int, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        """A checked view of ``region`` (0: the arena); ValueError for an unknown region or a range past it."""
+        if region == ipc.ARENA:
+            return self.arena.view(offset, shape, dtype)
+        found = self.regions.get(region)
+        if found is None:
+            raise ValueError(f"unknown shared-memory region id {region}")
+        return found.view(offset, shape, dtype)
+
+    # --- client regions --------------------------------------------------------------------------------------
+
+    def _register(self, sequence: int, body: bytes) -> None:
+        """Map a client region (see :mod:`service.engine.regions`); the reply says whether it may be used."""
+        fd = self._fds.popleft() if self._fds else -1
+        table = self.host.regions
+        try:
+            if len(body) < ipc.REGISTER_HEAD.size:
+                raise RegionRefused(f"a register frame of {len(body)} bytes is too short")
+            region_id, kind, offset, byte_size = ipc.REGISTER_HEAD.unpack_from(body)
+            if kind != ipc.KIND_SYSTEM:
+                raise RegionRefused(f"shared-memory region kind {kind} is not supported")
+            if fd < 0:
+                raise RegionRefused("a system shared-memory region comes with its descriptor")
+            if region_id == ipc.ARENA or region_id in self.regions:
+                raise RegionRefused(f"region id {region_id} is already in use on this connection")
+            key = table.identify(fd, offset, byte_size)
+            found = table.find(key)
+            if found is None:
+                table.check_room(byte_size)
+        except (RegionRefused, OSError) as exc:
+            self._close_fd(fd)
+            self.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
+            return
+        if found is not None:
+            self._close_fd(fd)
+            self._registered(sequence, region_id, found)
+            return
+        # Mapping and page-locking a large region is slow: on a thread, this connection paused meanwhile.
+        self._holding = True
+        self._loop.remove_reader(self.sock.fileno())
+        opening = asyncio.ensure_future(asyncio.to_thread(table.open, key, fd, offset, byte_size))
+        opening.add_done_callback(lambda done: self._opened(sequence, region_id, fd, done))
+
+    def _opened(self, sequence: int, region_id: int, fd: int, opening: asyncio.Future[ClientRegion]) -> None:
+        self._close_fd(fd)
+        if opening.cancelled():
+            return  # the loop is ending
+        self._holding = False
+        exc = opening.exception()
+        if exc is not None:
+            if not isinstance(exc, RegionRefused):
+                log.warning("mapping a shared-memory region failed", exc_info=exc)
+            self.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
+        else:
+            region = self.host.regions.install(opening.result())
+            if self.closed:
+                self.host.regions.release(region)
+                return
+            self._registered(sequence, region_id, region)
+        if not self.closed:
+            self.start()
+            self._parse()
+
+    def _registered(self, sequence: int, region_id: int, region: ClientRegion) -> None:
+        self.regions[region_id] = region
+        self.reply(sequence, (ipc.OK, "page-locked" if region.pinned else "", 0.0, 0.0))
+
+    @staticmethod
+    def _close_fd(fd: int) -> None:
+        if fd >= 0:
+            os.close(fd)
+
+    # --- answers and the end ---------------------------------------------------------------------------------
 
     def reply(self, sequence: int, answer: Answer) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.closed:
             return  # the worker left: nobody waits for this answer
         status, message, compute_s, wait_s = answer
         text = message.encode()
-        self.transport.write(ipc.REPLY.pack(sequence, status, len(text), compute_s, wait_s) + text)
+        self._write(ipc.REPLY.pack(sequence, status, len(text), compute_s, wait_s) + text)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _write(self, data: bytes) -> None:
+        if self._out:
+            self._out += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.close(f"write failed: {exc}")
+            return
+        if sent < len(data):
+            self._out += data[sent:]
+            self._loop.add_writer(self.sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        try:
+            sent = self.sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"write failed: {exc}")
+            return
+        del self._out[:sent]
+        if not self._out:
+            self._loop.remove_writer(self.sock.fileno())
+
+    def close(self, reason: str | None) -> None:
+        """The connection ends (the worker left, a protocol error, or the host stops): forget everything of it."""
+        if self.closed:
+            return
+        self.closed = True
+        if reason is not None:  # a protocol error is a bug somewhere; a peer that vanished is a worker that died
+            level = logging.WARNING if reason.startswith("protocol error") else logging.INFO
+            log.log(level, "closing the connection of worker %s: %s", self.hello.get("pid"), reason)
+        with contextlib.suppress(ValueError, OSError):  # already closed
+            self._loop.remove_reader(self.sock.fileno())
+            self._loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+        while self._fds:
+            self._close_fd(self._fds.popleft())
         self.host.detach(self)
 
 
-def run_parts(engine: Engine, parts: Sequence[np.ndarray]) -> tuple[int, float]:
-    """Compute ``parts`` as one batch, each answer written over its input; (batch size run, seconds)."""
+def run_parts(
+    engine: Engine, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray] | None = None
+) -> tuple[int, float]:
+    """Compute ``parts`` as one batch, each answer written into its ``out`` (default: over the part itself);
+    (batch size run, seconds)."""
     started = time.perf_counter()
+    outs = parts if outs is None else outs
     run_into = getattr(engine, "run_into", None)
     if run_into is not None:  # the ONNX engine copies each part straight to and from the device
-        padded = int(run_into(parts, parts))
+        padded = int(run_into(parts, outs))
     else:
         samples = sum(int(part.shape[0]) for part in parts)
         padded = pad_size(samples, engine.buckets if engine.fixed_shapes else None)
-        out, _ = run_batch(engine, list(parts), padded)
+        answer, _ = run_batch(engine, list(parts), padded)
         offset = 0
-        for part in parts:
-            np.copyto(part, out[offset : offset + part.shape[0]])
-            offset += part.shape[0]
+        for out in outs:
+            np.copyto(out, answer[offset : offset + out.shape[0]])
+            offset += out.shape[0]
     return padded, time.perf_counter() - started
 
 
@@ -109,11 +276,19 @@ class EngineHost:
     """Serves ``engine`` to workers on a Unix socket; see the module docstring."""
 
     def __init__(
-        self, engine: Engine, max_batch_size: int, observer: BatcherObserver | None = None, device: str = "cpu"
+        self,
+        engine: Engine,
+        max_batch_size: int,
+        observer: BatcherObserver | None = None,
+        device: str = "cpu",
+        max_regions: int = 256,
+        max_region_bytes: int = 4 << 30,
     ) -> None:
         self.engine = engine
         self.device = device
         self.max_batch_size = max_batch_size
+        register, unregister = getattr(engine, "register_host", None), getattr(engine, "unregister_host", None)
+        self.regions = RegionTable(max_regions, max_region_bytes, register, unregister)
         self._observer = SafeObserver(observer or NullObserver())
         self._jobs: deque[_Job] = deque()
         self._workers: set[_Worker] = set()
@@ -164,8 +339,7 @@ class EngineHost:
                 task.cancel()
             await asyncio.gather(*attaching, return_exceptions=True)
             for worker in list(self._workers):
-                if worker.transport is not None:
-                    worker.transport.abort()
+                worker.close(None)
             listener.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -202,12 +376,12 @@ class EngineHost:
             conn.close()
             return
         conn.setblocking(False)
-        worker = _Worker(self, arena, hello)
+        worker = _Worker(self, conn, arena, hello)
         self._workers.add(worker)
-        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: worker, sock=conn)
+        worker.start()
         # The handshake's last message goes out only now that this loop reads the connection: a worker whose
         # constructor returned is one whose next frame joins the next batch, never a later one.
-        transport.write(ipc.hello_frame({"registered": hello["registered"]}))
+        worker._write(ipc.hello_frame({"registered": hello["registered"]}))
         log.info(
             "worker %s attached (arena %s MiB, page-locked: %s)",
             hello.get("pid"),
@@ -216,32 +390,66 @@ class EngineHost:
         )
 
     def detach(self, worker: _Worker) -> None:
-        """A worker left: forget its queued batches, unpin and unmap its arena."""
+        """A worker left: forget its queued batches and its regions, unpin and unmap its arena."""
         if worker not in self._workers:
             return
         self._workers.discard(worker)
-        self._jobs = deque(job for job in self._jobs if job.worker is not worker)
+        kept: deque[_Job] = deque()
+        for job in self._jobs:
+            if job.worker is worker:
+                self._finish(job)
+            else:
+                kept.append(job)
+        self._jobs = kept
+        for region in worker.regions.values():
+            self.regions.release(region)  # still mapped while a batch computing now uses it
+        worker.regions.clear()
         unregister = getattr(self.engine, "unregister_host", None)
         if worker.hello["registered"] and unregister is not None:
             unregister(worker.arena.address)  # batches run on this loop: none is reading the arena now
         worker.arena.close()
         log.info("worker %s detached", worker.hello.get("pid"))
 
-    def request(self, worker: _Worker, sequence: int, batch: int, seq: int, offset: int) -> None:
-        """One request frame: refused at once when invalid, else queued for the next run."""
+    def request(self, worker: _Worker, sequence: int, body: bytes) -> None:
+        """One batch frame: refused at once when invalid (that job only), else queued for the next run."""
         if self.failure is not None:
             worker.reply(sequence, (ipc.GONE, self.failure, 0.0, 0.0))
             return
-        if batch < 1 or not 1 <= seq <= self.engine.max_seq_len:
-            worker.reply(sequence, (ipc.FAILED, f"invalid batch shape ({batch}, {seq})", 0.0, 0.0))
-            return
         try:
-            rows = worker.arena.view(offset, (batch, seq, self.engine.dim), self.engine.dtype)
+            job = self._job(worker, sequence, body)
         except ValueError as exc:
             worker.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
             return
-        self._jobs.append(_Job(worker, sequence, rows, time.monotonic()))
+        self._jobs.append(job)
         self._run_soon()
+
+    def _job(self, worker: _Worker, sequence: int, body: bytes) -> _Job:
+        """The frame's parts as checked views (never trusting the worker: every range against its region)."""
+        seq, specs = ipc.parse_batch(body)
+        e = self.engine
+        parts: list[np.ndarray] = []
+        outs: list[np.ndarray] = []
+        held: dict[int, ClientRegion] = {}
+        for samples, source, source_offset, target, target_offset in specs:
+            if samples < 1 or not 1 <= seq <= e.max_seq_len:
+                raise ValueError(f"invalid batch shape ({samples}, {seq})")
+            shape = (samples, seq, e.dim)
+            parts.append(worker.view(source, source_offset, shape, e.dtype))
+            outs.append(worker.view(target, target_offset, shape, e.dtype))
+            for region_id in (source, target):
+                if region_id != ipc.ARENA:
+                    held[region_id] = worker.regions[region_id]
+        for region in held.values():
+            self.regions.retain(region)
+        samples = sum(int(part.shape[0]) for part in parts)
+        return _Job(worker, sequence, parts, outs, samples, seq, time.monotonic(), list(held.values()))
+
+    def _finish(self, job: _Job) -> None:
+        """The job is answered or dropped: its views go, then its hold on client regions."""
+        job.parts, job.outs = [], []
+        for region in job.held:
+            self.regions.release(region)
+        job.held = []
 
     def _run_soon(self) -> None:
         if not self._scheduled:
@@ -250,13 +458,13 @@ class EngineHost:
 
     def _take(self) -> list[_Job]:
         """FIFO jobs of the first job's sequence length, up to ``max_batch_size`` samples (at least one job)."""
-        seq = self._jobs[0].rows.shape[1]
+        seq = self._jobs[0].seq
         taken: list[_Job] = []
         kept: list[_Job] = []
         samples = 0
         for job in self._jobs:
-            size = job.rows.shape[0]
-            if job.rows.shape[1] == seq and (not taken or samples + size <= self.max_batch_size):
+            size = job.samples
+            if job.seq == seq and (not taken or samples + size <= self.max_batch_size):
                 taken.append(job)
                 samples += size
             else:
@@ -274,23 +482,32 @@ class EngineHost:
         batch = self._take()
         started = time.monotonic()
         waits = tuple(started - job.arrived for job in batch)
-        samples, seq = sum(j.rows.shape[0] for j in batch), batch[0].rows.shape[1]
+        samples, seq = sum(j.samples for j in batch), batch[0].seq
+        parts = [part for job in batch for part in job.parts]
+        outs = [out for job in batch for out in job.outs]
+        failure: Exception | None = None
         try:
-            padded, compute_s = run_parts(self.engine, [job.rows for job in batch])
+            padded, compute_s = run_parts(self.engine, parts, outs)
         except Exception as exc:
-            message = f"inference failed: {type(exc).__name__}: {exc}"
             log.warning("batch of %s samples (seq %s) failed: %s", samples, seq, exc, exc_info=True)
+            failure = exc
+            exc.__traceback__ = None  # its frames hold views of client regions, which go before the regions can
+        del parts, outs  # ... be unmapped (see _finish)
+        if failure is not None:
+            message = f"inference failed: {type(failure).__name__}: {failure}"
             self._observer.on_batch(BatchStats(samples, samples, seq, time.monotonic() - started, (), True))
-            if isinstance(exc, EngineUnrecoverable):
-                self._break(batch, message, exc)
+            if isinstance(failure, EngineUnrecoverable):
+                self._break(batch, message, failure)
                 return
             for job in batch:
                 job.worker.reply(job.sequence, (ipc.FAILED, message, 0.0, 0.0))
+                self._finish(job)
         else:
             # No queue waits here: the workers record their requests' waits, each request once.
             self._observer.on_batch(BatchStats(samples, padded, seq, compute_s, ()))
             for job, wait in zip(batch, waits, strict=True):
                 job.worker.reply(job.sequence, (ipc.OK, "", compute_s, wait))
+                self._finish(job)
         if self._jobs:
             self._run_soon()
 
@@ -300,8 +517,10 @@ class EngineHost:
         self._observer.on_alive(False)
         for job in batch:
             job.worker.reply(job.sequence, (ipc.BROKEN, message, 0.0, 0.0))
+            self._finish(job)
         for job in self._jobs:
             job.worker.reply(job.sequence, (ipc.GONE, message, 0.0, 0.0))
+            self._finish(job)
         self._jobs.clear()
         if self._dead is not None and not self._dead.done():
             self._dead.set_exception(exc)
@@ -336,7 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine.warmup()
     metrics = Metrics()  # with several workers: the same multiprocess directory, so /metrics shows our batches
     observer = metrics.observer(engine.buckets, device=args.device)
-    host = EngineHost(engine, min(settings.max_batch_size, max(engine.buckets)), observer, args.device)
+    limits = (settings.max_shared_memory_regions, settings.max_shared_memory_bytes)  # the registry's
+    host = EngineHost(engine, min(settings.max_batch_size, max(engine.buckets)), observer, args.device, *limits)
     log.info(
         "engine process ready: %s on %s (device %s), batches up to %s",
         engine.name,

@@ -1,9 +1,11 @@
 """The wire between HTTP workers and the engine process: a Unix socket for small frames, shared memory for tensors.
 
 Each worker owns one *arena*: an anonymous shared-memory file (``memfd``) it maps, fills with a batch and
-hands to the engine process once, as a file descriptor over the socket. After that a request is a 20-byte
+hands to the engine process once, as a file descriptor over the socket. After that a request is a small
 frame (where the batch lies in the arena and its shape) and the answer a small frame; the engine process
 reads the batch from the arena and writes the answer over it, so tensors never travel through the socket.
+Client shared-memory regions travel the same way (a REGISTER frame with the region's descriptor), after which a
+batch frame may name them instead of the arena (see :mod:`service.engine.regions`).
 No file names exist, so nothing is left behind when a process dies, and a container's small ``/dev/shm``
 does not limit the arena.
 """
@@ -20,8 +22,23 @@ from typing import Any
 
 import numpy as np
 
-# worker -> engine: sequence number, batch, sequence length, byte offset of the batch in the arena
-REQUEST = struct.Struct("<IIIQ")
+# worker -> engine: every frame is a header (kind, sequence number, length of the body that follows) and a body.
+HEADER = struct.Struct("<BII")
+BATCH, REGISTER, UNREGISTER = 1, 2, 3
+# BATCH body: sequence length and number of parts, then per part where its input lies and where its answer goes:
+# samples, input region, byte offset there, output region, byte offset there. Region 0 is the connection's arena
+# (an input answered in place names the same place twice); others are client regions passed by REGISTER.
+BATCH_HEAD = struct.Struct("<II")
+PART = struct.Struct("<IIQIQ")
+# REGISTER body (one file descriptor travels with it): region id, kind, byte offset in the object, byte size;
+# a kind other than KIND_SYSTEM may append bytes of its own (e.g. a CUDA IPC handle instead of a descriptor).
+REGISTER_HEAD = struct.Struct("<IBQQ")
+UNREGISTER_BODY = struct.Struct("<I")  # region id; no reply
+ARENA = 0
+KIND_SYSTEM = 0
+MAX_BODY = 1 << 20
+MAX_PARTS = (MAX_BODY - BATCH_HEAD.size) // PART.size
+Part = tuple[int, int, int, int, int]  # samples, input region, input offset, output region, output offset
 # engine -> worker: sequence number, status, length of the message that follows, engine seconds, queue seconds
 REPLY = struct.Struct("<IBIdd")
 # BROKEN: this batch broke the engine for good; GONE: the engine broke on another batch, this one never ran.
@@ -84,6 +101,33 @@ def recv_hello(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], l
         return json.loads(body), fds
     except ValueError as exc:
         raise ProtocolError(f"malformed hello message: {exc}") from exc
+
+
+def batch_frame(sequence: int, seq: int, parts: list[Part]) -> bytes:
+    """A BATCH frame: ``parts`` computed as one job of sequence length ``seq``, answered by one reply."""
+    body = BATCH_HEAD.pack(seq, len(parts)) + b"".join(PART.pack(*part) for part in parts)
+    return HEADER.pack(BATCH, sequence, len(body)) + body
+
+
+def parse_batch(body: bytes) -> tuple[int, list[Part]]:
+    """(sequence length, parts) of a BATCH body; ValueError when it is not one."""
+    if len(body) < BATCH_HEAD.size:
+        raise ValueError(f"a batch frame of {len(body)} bytes is too short")
+    seq, count = BATCH_HEAD.unpack_from(body)
+    if count < 1 or len(body) != BATCH_HEAD.size + count * PART.size:
+        raise ValueError(f"a batch frame of {len(body)} bytes cannot hold {count} parts")
+    return seq, [PART.unpack_from(body, BATCH_HEAD.size + i * PART.size) for i in range(count)]
+
+
+def register_frame(sequence: int, region: int, kind: int, offset: int, byte_size: int, extra: bytes = b"") -> bytes:
+    """A REGISTER frame (the caller sends the region's descriptor with it); answered by one reply."""
+    body = REGISTER_HEAD.pack(region, kind, offset, byte_size) + extra
+    return HEADER.pack(REGISTER, sequence, len(body)) + body
+
+
+def unregister_frame(region: int) -> bytes:
+    """An UNREGISTER frame: the worker will not name ``region`` again (no reply)."""
+    return HEADER.pack(UNREGISTER, 0, UNREGISTER_BODY.size) + UNREGISTER_BODY.pack(region)
 
 
 class Arena:

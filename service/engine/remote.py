@@ -8,22 +8,27 @@ a batch on it holds the requests of all workers instead of the one to three that
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import socket
 import threading
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from service.engine import ipc
 from service.engine.base import EngineGone, EngineUnreached, EngineUnrecoverable
+from service.engine.direct import DirectJob, HostRegion, SharedRegions
 
 log = logging.getLogger(__name__)
 MAX_ARENA_BYTES = 256 << 20
 REGIONS = 4  # one batch computing while the answers of up to three earlier ones are still being sent
 REGION_WAIT_S = 5.0  # longest wait for a free region (answers not yet sent hold theirs)
+REFUSED_RETRY_S = 1.0  # a client region the engine process refused is not offered again for this long
 
 
 class _Lease:
@@ -110,6 +115,8 @@ class RemoteEngine:
             raise ConnectionError(f"cannot attach to the engine process at {path}: {exc}") from exc
         self._lock = threading.Lock()
         self._sequence = 0
+        self._shared = SharedRegions()  # client regions passed to the engine process on this connection
+        self._refused: dict[int, float] = {}  # id(region) -> until when it is not offered again
         log.info(
             "attached to the engine process (%s on %s), arena %s MiB", self.name, self.provider, self.arena.size >> 20
         )
@@ -132,21 +139,79 @@ class RemoteEngine:
         queue, which the batcher reports as queue time, so ``x-inference-time`` means the same in every layout."""
         if x.ndim != 3 or x.shape[2] != self.dim or x.dtype != self.dtype:
             raise ValueError(f"expected (batch, seq, {self.dim}) {self.dtype}, got {x.shape} {x.dtype}")
-        with self._lock:
+        with self._locked():
             offset = self.regions.locate(x)
             if offset is not None:
                 return x.view(), self._call(offset, x.shape[0], x.shape[1])
             if x.nbytes <= self.regions.size:
-                staged = self._region_for(x)
+                staged = self._region_for(x.shape)
                 np.copyto(staged, x)
                 return staged, self._call(self.regions.locate(staged) or 0, x.shape[0], x.shape[1])
             return self._run_in_pieces(x)
 
-    def _region_for(self, x: np.ndarray) -> np.ndarray:
+    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray], float]:
+        """Compute ``parts`` as one job: arrays through the arena (their answers are arena views), direct jobs
+        straight between their client regions (answers written into their targets); (answers, engine seconds).
+
+        A direct job whose region the engine process refused (its limits) goes through the arena after all, its
+        answer copied into its target, and says so (``served.copied``)."""
+        with self._locked():
+            specs: list[ipc.Part] = []
+            staged: list[int] = []  # parts that go through the arena
+            for index, part in enumerate(parts):
+                if isinstance(part, DirectJob):
+                    source, target = self._share(part.source.region), self._share(part.target.region)
+                    if source is not None and target is not None:
+                        specs.append((part.shape[0], source, part.source.offset, target, part.target.offset))
+                        continue
+                    part.served.copied = True
+                staged.append(index)
+            answers, compute_s = self._stage(parts, staged, specs)
+            if specs:
+                compute_s += self._exchange(int(parts[0].shape[1]), specs)
+            outputs = []
+            for index, part in enumerate(parts):
+                if isinstance(part, DirectJob):
+                    if index in answers:  # it went through the arena after all
+                        np.copyto(part.output, answers[index])
+                    outputs.append(part.output)
+                else:
+                    outputs.append(answers[index])
+            return outputs, compute_s
+
+    def _stage(
+        self, parts: Sequence[np.ndarray | DirectJob], staged: list[int], specs: list[ipc.Part]
+    ) -> tuple[dict[int, np.ndarray], float]:
+        """Copy the ``staged`` parts into one arena region and add it to ``specs``; their answers (arena views).
+        More than a region holds (a rare mixed batch) are computed at once, each in arena-sized pieces."""
+        arrays = {i: p.source.array if isinstance(p, DirectJob) else p for i, p in ((i, parts[i]) for i in staged)}
+        if not arrays:
+            return {}, 0.0
+        rows = sum(int(a.shape[0]) for a in arrays.values())
+        seq = int(parts[0].shape[1])
+        if rows * seq * self.dim * self.dtype.itemsize > self.regions.size:
+            answers: dict[int, np.ndarray] = {}
+            compute_s = 0.0
+            for index, array in arrays.items():
+                answers[index], seconds = self._run_in_pieces(array)
+                compute_s += seconds
+            return answers, compute_s
+        buffer = self._region_for((rows, seq, self.dim))
+        offset, answers = 0, {}
+        for index, array in arrays.items():
+            answers[index] = buffer[offset : offset + array.shape[0]]
+            np.copyto(answers[index], array)
+            offset += array.shape[0]
+        at = self.regions.locate(buffer) or 0
+        specs.append((rows, ipc.ARENA, at, ipc.ARENA, at))
+        return answers, 0.0
+
+    def _region_for(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A free arena region as an array of ``shape``."""
         index = self.regions.acquire(REGION_WAIT_S)
         if index is None:
             raise RuntimeError(f"no free shared-memory region for {REGION_WAIT_S} s (answers not being sent?)")
-        return self.regions.array(index, x.shape, self.dtype)
+        return self.regions.array(index, shape, self.dtype)
 
     def _run_in_pieces(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         """A batch larger than a region: region-sized pieces, each answer copied out before the next."""
@@ -155,7 +220,7 @@ class RemoteEngine:
         compute_s = 0.0
         for start in range(0, x.shape[0], rows):
             piece = x[start : start + rows]
-            staged = self._region_for(piece)
+            staged = self._region_for(piece.shape)
             np.copyto(staged, piece)
             compute_s += self._call(self.regions.locate(staged) or 0, piece.shape[0], piece.shape[1])
             np.copyto(out[start : start + rows], staged)
@@ -163,12 +228,27 @@ class RemoteEngine:
         return out, compute_s
 
     def _call(self, offset: int, batch: int, seq: int) -> float:
-        """One batch through the engine process; the seconds the engine computed it (from the reply frame)."""
+        """One batch in the arena through the engine process; the seconds the engine computed it."""
+        return self._exchange(seq, [(batch, ipc.ARENA, offset, ipc.ARENA, offset)])
+
+    def _exchange(self, seq: int, specs: list[ipc.Part]) -> float:
+        """One batch frame and its reply; the seconds the engine computed it (from the reply frame)."""
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
         try:
-            self._sock.sendall(ipc.REQUEST.pack(self._sequence, batch, seq, offset))
-        except OSError as exc:  # a 20-byte frame is sent whole or not at all: the engine never saw this batch
+            self._sock.sendall(ipc.batch_frame(self._sequence, seq, specs))
+        except OSError as exc:  # a small frame is sent whole or not at all: the engine never saw this batch
             raise EngineUnreached(f"the engine process is gone: {exc}") from exc
+        status, message, compute_s = self._reply()
+        if status == ipc.BROKEN:
+            raise EngineUnrecoverable(f"engine process: {message}")
+        if status == ipc.GONE:
+            raise EngineGone(f"engine process: {message}")
+        if status != ipc.OK:
+            raise RuntimeError(f"engine process: {message}")
+        return compute_s
+
+    def _reply(self) -> tuple[int, str, float]:
+        """(status, message, engine seconds) of the reply to the frame just sent."""
         try:
             sequence, status, length, compute_s, _ = ipc.REPLY.unpack(ipc.recv_exactly(self._sock, ipc.REPLY.size))
             message = ipc.recv_exactly(self._sock, length).decode(errors="replace") if length else ""
@@ -176,13 +256,65 @@ class RemoteEngine:
             raise EngineGone(f"the engine process is gone: {exc}") from exc
         if sequence != self._sequence:
             raise EngineUnrecoverable(f"engine process answered request {sequence}, expected {self._sequence}")
-        if status == ipc.BROKEN:
-            raise EngineUnrecoverable(f"engine process: {message}")
-        if status == ipc.GONE:
-            raise EngineGone(f"engine process: {message}")
+        return status, message, float(compute_s)
+
+    # --- client regions (the direct shared-memory path) -------------------------------------------------------
+
+    def _share(self, region: HostRegion) -> int | None:
+        """This connection's id of ``region``, registered with the engine process at its first use; None when the
+        engine process refused it (then it is offered again only after REFUSED_RETRY_S)."""
+        region_id = self._shared.get(region)
+        if region_id is not None:
+            return region_id
+        if time.monotonic() < self._refused.get(id(region), 0.0):
+            return None
+        region_id = self._shared.reserve()
+        self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+        frame = ipc.register_frame(self._sequence, region_id, ipc.KIND_SYSTEM, region.offset, region.byte_size)
+        try:
+            sent = socket.send_fds(self._sock, [frame], [region.fd])  # type: ignore[arg-type]
+            if sent < len(frame):
+                self._sock.sendall(frame[sent:])
+        except OSError as exc:
+            raise EngineUnreached(f"the engine process is gone: {exc}") from exc
+        status, message, _ = self._reply()
         if status != ipc.OK:
-            raise RuntimeError(f"engine process: {message}")
-        return float(compute_s)
+            log.warning("the engine process serves a shared-memory region by copying: %s", message)
+            self._refused = {k: t for k, t in self._refused.items() if t > time.monotonic()}
+            self._refused[id(region)] = time.monotonic() + REFUSED_RETRY_S
+            return None
+        self._shared.add(region, region_id, self._forget)
+        return region_id
+
+    def _forget(self, region_id: int) -> None:
+        """``region_id``'s region is garbage (any thread): unregister it now if the connection is free."""
+        self._shared.forget(region_id)
+        self._flush_if_free()
+
+    def _flush_if_free(self) -> None:
+        if self._shared.pending and self._lock.acquire(blocking=False):
+            try:
+                self._flush_gone()
+            finally:
+                self._lock.release()
+
+    def _flush_gone(self) -> None:
+        """Send the queued UNREGISTER frames (lock held); a connection that broke drops them all anyway."""
+        gone = self._shared.take_gone()
+        if gone:
+            with contextlib.suppress(OSError):
+                self._sock.sendall(b"".join(ipc.unregister_frame(region_id) for region_id in gone))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The connection, for one exchange; regions that became garbage meanwhile are unregistered first."""
+        with self._lock:
+            self._flush_gone()
+            try:
+                yield
+            finally:
+                self._flush_gone()
+        self._flush_if_free()
 
     @property
     def busy(self) -> bool:
@@ -197,6 +329,7 @@ class RemoteEngine:
         return {**self._described, "engine_process": shared}
 
     def close(self) -> None:
+        self._shared.close()
         self._sock.close()
         self.arena.close()
 
@@ -251,6 +384,11 @@ class RemotePool:
                     return channel.run_timed(staged)
         idle = next((c for c in self.channels if not c.busy), self.channels[0])
         return idle.run_timed(x)
+
+    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray], float]:
+        """See :meth:`RemoteEngine.run_placed`: on an idle connection (each registers a region on its first use)."""
+        idle = next((c for c in self.channels if not c.busy), self.channels[0])
+        return idle.run_placed(parts)
 
     def warmup(self) -> None:
         """Nothing to do: the engine process warmed up before it accepted workers."""

@@ -181,7 +181,7 @@ class RawWorker:
         return self.arena.view(offset, shape, np.dtype(np.float32)).copy()
 
     def send(self, sequence: int, batch: int, seq: int, offset: int = 0) -> None:
-        self.sock.sendall(ipc.REQUEST.pack(sequence, batch, seq, offset))
+        self.sock.sendall(ipc.batch_frame(sequence, seq, [(batch, ipc.ARENA, offset, ipc.ARENA, offset)]))
 
     def receive(self) -> tuple[int, int, str]:
         """(sequence, status, message) of the next reply."""

@@ -31,9 +31,32 @@ def arena() -> Iterator[ipc.Arena]:
 
 
 def test_structs_have_the_sizes_the_protocol_documents() -> None:
-    assert ipc.REQUEST.size == 20
+    assert (ipc.HEADER.size, ipc.BATCH_HEAD.size, ipc.PART.size, ipc.REGISTER_HEAD.size) == (9, 8, 28, 21)
     assert ipc.REPLY.size == 25
-    assert ipc.REQUEST.unpack(ipc.REQUEST.pack(7, 3, 196, 1 << 40)) == (7, 3, 196, 1 << 40)
+
+
+def test_a_batch_frame_round_trips_its_parts() -> None:
+    parts = [(3, ipc.ARENA, 4096, ipc.ARENA, 4096), (1, 7, 1 << 40, 9, 12)]
+    frame = ipc.batch_frame(5, 196, parts)
+    kind, sequence, length = ipc.HEADER.unpack_from(frame)
+    assert (kind, sequence, length) == (ipc.BATCH, 5, len(frame) - ipc.HEADER.size)
+    assert ipc.parse_batch(frame[ipc.HEADER.size :]) == (196, parts)
+
+
+@pytest.mark.parametrize("body", [b"", b"\x01" * 7, ipc.BATCH_HEAD.pack(4, 0), ipc.BATCH_HEAD.pack(4, 2) + b"\0" * 28])
+def test_a_batch_body_that_does_not_hold_its_parts_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError, match="batch frame"):
+        ipc.parse_batch(body)
+
+
+def test_register_and_unregister_frames_carry_their_fields() -> None:
+    frame = ipc.register_frame(8, 3, ipc.KIND_SYSTEM, 4096, 1 << 33, b"extra")
+    assert ipc.HEADER.unpack_from(frame) == (ipc.REGISTER, 8, ipc.REGISTER_HEAD.size + 5)
+    assert ipc.REGISTER_HEAD.unpack_from(frame, ipc.HEADER.size) == (3, ipc.KIND_SYSTEM, 4096, 1 << 33)
+    assert frame.endswith(b"extra")
+    gone = ipc.unregister_frame(3)
+    assert ipc.HEADER.unpack_from(gone) == (ipc.UNREGISTER, 0, 4)
+    assert ipc.UNREGISTER_BODY.unpack_from(gone, ipc.HEADER.size) == (3,)
 
 
 def test_hello_round_trip_without_descriptors(pair: tuple[socket.socket, socket.socket]) -> None:
