@@ -41,6 +41,11 @@ class SessionOptions:
     host_path: str = "pinned"
     # Batches of at least this many samples (with a captured graph) run as chunks whose copies overlap compute.
     pipeline_min_batch: int = 128
+    # run_into (merged batches from many parts): chunk sizes that get a second captured slot, and how many full
+    # chunks to aim for (converter.pipeline.pick_chunk; below 2: never pipeline). Chosen from an H200 sweep
+    # (BENCHMARKS.md, "run_into: copies overlapped with compute").
+    pipeline_chunks: tuple[int, ...] = (8, 16, 32)
+    pipeline_min_chunks: int = 3
 
     def __post_init__(self) -> None:
         if self.host_path not in HOST_PATHS:
@@ -49,6 +54,8 @@ class SessionOptions:
             raise ProviderError(f"provider must be one of {CHOICES}, got {self.provider!r}")
         if not self.batch_buckets or any(b <= 0 for b in self.batch_buckets):
             raise ProviderError(f"batch buckets must be positive, got {self.batch_buckets}")
+        if any(c <= 0 for c in self.pipeline_chunks):
+            raise ProviderError(f"pipeline chunks must be positive, got {self.pipeline_chunks}")
         if list(self.batch_buckets) != sorted(set(self.batch_buckets)):
             raise ProviderError(f"batch buckets must be strictly increasing, got {self.batch_buckets}")
 

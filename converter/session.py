@@ -8,12 +8,13 @@ Host path (``SessionOptions.host_path="pinned"``, the default on the CUDA EP): i
 page-locked buffers with parallel host copies and sent with async copies on our own streams; outputs come
 back by DMA straight into pinned arrays from a pool (see ``converter.pinned``). Batches of at least
 ``pipeline_min_batch`` run as four or more chunk graphs so that the copies of one chunk overlap the compute
-of the next.
+of the next; ``run_into`` (merged batches from many parts) does the same by ``converter.pipeline``'s plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from converter.bundle import Bundle
 from converter.devices import cuda_device_count
 from converter.errors import ProviderError
 from converter.pinned import D2H, H2D, CudaRuntime, PinnedPool, data_ptr, load_cudart
+from converter.pipeline import Slot, assign_slots, chunk_sizes, copy_plan, pick_chunk, run_chunks
 from converter.providers import (
     CPU,
     CUDA,
@@ -173,7 +175,7 @@ class EncoderSession:
                 return self._run_pipelined(x, chunk)
             return self._run_pinned(slot, x)
 
-    def run_into(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> int:
+    def run_into(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray], *, chunk: int | None = None) -> int:
         """Compute the concatenation of ``parts`` (each ``(b_i, S, D)``) as one batch, writing into ``outs``.
 
         With a captured shape that holds them (the smallest batch bucket >= the total), every part is copied
@@ -181,6 +183,8 @@ class EncoderSession:
         no host-side gather or scatter; from pinned or registered memory (:meth:`register_host`) the copies are
         DMA. Rows past the total keep whatever an earlier batch left there: every sample is computed on its own,
         so they cannot change the real rows. ``outs`` may be the ``parts`` themselves (answers replace inputs).
+        Enough rows run as pipelined chunks (:mod:`converter.pipeline`; ``chunk``: None picks by
+        ``SessionOptions.pipeline_min_chunks``, 0 forces one serial batch, N forces chunks of N rows).
         Returns the batch size that ran, padding included.
         """
         if not parts or len(parts) != len(outs):
@@ -199,20 +203,30 @@ class EncoderSession:
                 np.copyto(out, answer[offset : offset + out.shape[0]])
                 offset += out.shape[0]
             return rows
-        assert self._cuda is not None
+        if chunk is None:
+            chunk = pick_chunk(rows, [c for c, s in self._spares if s == seq], self.options.pipeline_min_chunks)
         with self._lock:
-            offset = 0
-            for part in parts:
-                self._cuda.copy(slot.input.data_ptr() + offset, data_ptr(part), part.nbytes, H2D, self._in_stream)
-                offset += part.nbytes
-            self._cuda.sync(self._in_stream)
-            self.session.run_with_iobinding(slot.binding, slot.run_options)
-            offset = 0
-            for out in outs:
-                self._cuda.copy(data_ptr(out), slot.output.data_ptr() + offset, out.nbytes, D2H, self._out_stream)
-                offset += out.nbytes
-            self._cuda.sync(self._out_stream)
-        return int(slot.input.shape()[0])
+            return self._run_into_chunks(parts, outs, chunk, seq)
+
+    def _run_into_chunks(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray], chunk: int, seq: int) -> int:
+        """Chunks of ``chunk`` rows on their two slots (a smaller tail on its bucket's); 0: one batch, one slot."""
+        assert self._cuda is not None
+        if chunk and (chunk, seq) not in self._spares:
+            raise ValueError(f"no pipelined slots for chunks of {chunk} rows at seq {seq}")
+        buckets = sorted(b for b, s in self._graphs if s == seq)
+        part_rows = [int(p.shape[0]) for p in parts]
+        sizes = chunk_sizes(sum(part_rows), chunk or buckets[-1], buckets)
+        chosen = [(self._spares if spare else self._graphs)[(size, seq)] for size, spare in assign_slots(sizes, chunk)]
+        stages = {id(s): self._stage(s) for s in chosen}
+        ptrs = [data_ptr(p) for p in parts], [data_ptr(o) for o in outs]
+        row_bytes = seq * self.dim * self.dtype.itemsize
+        streams = (self._in_stream, self._out_stream)
+        run_chunks(self._cuda, streams, [stages[id(s)] for s in chosen], copy_plan(part_rows, sizes), *ptrs, row_bytes)
+        return sum(sizes)
+
+    def _stage(self, slot: _GraphSlot) -> Slot:
+        launch = functools.partial(self.session.run_with_iobinding, slot.binding, slot.run_options)
+        return Slot(slot.input.data_ptr(), slot.output.data_ptr(), slot.done, launch)
 
     def _slot_holding(self, rows: int, seq: int) -> _GraphSlot | None:
         """The captured slot of the smallest batch bucket >= ``rows`` at ``seq``, if any."""
@@ -360,11 +374,15 @@ class EncoderSession:
         return shapes
 
     def _capture_spares(self, shapes: list[tuple[int, int]], rng: np.random.Generator) -> None:
+        """Second slots for the chunk shapes of big ``run`` batches and for ``pipeline_chunks`` (run_into)."""
         buckets = sorted(self.options.batch_buckets, reverse=True)
+        wanted = []
         for batch, seq in shapes:
-            if batch < self.options.pipeline_min_batch:
-                continue
-            chunk = next((c for c in buckets if batch % c == 0 and batch // c >= _PIPELINE_CHUNKS), 0)
+            if batch >= self.options.pipeline_min_batch:
+                wanted.append((next((c for c in buckets if batch % c == 0 and batch // c >= _PIPELINE_CHUNKS), 0), seq))
+            if batch in self.options.pipeline_chunks and batch < buckets[0]:
+                wanted.append((batch, seq))
+        for chunk, seq in wanted:
             if chunk and (chunk, seq) not in self._spares:
                 x = rng.standard_normal((chunk, seq, self.dim)).astype(self.dtype)
                 with self._lock:

@@ -104,9 +104,10 @@ def test_run_into_on_cuda_matches_per_part_runs_from_plain_and_registered_memory
     from service.engine import ipc  # the worker arenas the engine process registers
 
     bundle = load_bundle(small_bundle)
-    options = SessionOptions(provider="cuda", batch_buckets=(1, 2, 4, 8), seq_lens=(16,))
+    options = SessionOptions(provider="cuda", batch_buckets=(1, 2, 4, 8), seq_lens=(16,), pipeline_chunks=(2,))
     session = EncoderSession(bundle, options)
     session.warmup()
+    assert (2, 16) in session.describe()["pipelined_chunk_shapes"]
     dim, rng = session.dim, np.random.default_rng(4)
     arena = ipc.Arena.create(64 * 16 * dim * 4)
     try:
@@ -115,8 +116,12 @@ def test_run_into_on_cuda_matches_per_part_runs_from_plain_and_registered_memory
             parts = [rng.standard_normal((b, 16, dim)).astype(np.float32) for b in sizes]
             expected = per_part(session, parts)
             outs = [np.empty_like(part) for part in parts]
-            assert session.run_into(parts, outs) == bucket  # the captured bucket that holds them
+            assert session.run_into(parts, outs, chunk=0) == bucket  # the captured bucket that holds them
             for out, want in zip(outs, expected, strict=True):
+                assert float(np.abs(out - want).max()) < 1e-3
+            piped = [np.empty_like(part) for part in parts]  # chunks of 2 rows, copies overlapping compute
+            assert session.run_into(parts, piped, chunk=2) == sum(sizes)  # a 1-row tail runs on bucket 1
+            for out, want in zip(piped, expected, strict=True):
                 assert float(np.abs(out - want).max()) < 1e-3
             # From the registered arena, answers written over the inputs (what the engine process does).
             shared, offset = [], 0

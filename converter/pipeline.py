@@ -1,0 +1,152 @@
+"""Chunked, pipelined host-to-host runs for ``EncoderSession.run_into``: the plan (pure) and its execution.
+
+A merged batch (many parts, each its own rows in host memory) is cut into chunks that have captured graph
+slots. While chunk i computes, chunk i+1 is copied in on the input stream and chunk i-1 copied out on the
+output stream, so the two copy directions and the compute overlap instead of running one after the other.
+
+The plan is plain arithmetic on row counts (:func:`chunk_sizes`, :func:`copy_plan`, :func:`pick_chunk`), testable
+without a GPU; :func:`run_chunks` issues it through a :class:`converter.pinned.CudaRuntime` (or a fake one).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from converter.pinned import D2H, H2D
+
+
+@dataclass(frozen=True)
+class Span:
+    """``rows`` consecutive rows: part ``part`` from its row ``part_row`` <-> its chunk's slot from ``slot_row``."""
+
+    part: int
+    part_row: int
+    slot_row: int
+    rows: int
+
+
+def chunk_sizes(rows: int, chunk: int, buckets: Sequence[int]) -> list[int]:
+    """Full chunks of ``chunk`` rows, then the smallest bucket that holds the remainder (padding rows only there)."""
+    if rows <= 0 or chunk <= 0:
+        raise ValueError(f"need positive rows and chunk, got {rows} and {chunk}")
+    full, rest = divmod(rows, chunk)
+    sizes = [chunk] * full
+    if rest:
+        sizes.append(min((b for b in buckets if b >= rest), default=chunk))
+    return sizes
+
+
+def copy_plan(part_rows: Sequence[int], sizes: Sequence[int]) -> list[list[Span]]:
+    """For each chunk, the spans of parts that fill it in order; a part may span chunks, a chunk many parts."""
+    if any(r < 0 for r in part_rows):
+        raise ValueError(f"row counts must not be negative, got {list(part_rows)}")
+    if sum(part_rows) > sum(sizes):
+        raise ValueError(f"{sum(part_rows)} rows do not fit in chunks {list(sizes)}")
+    plan: list[list[Span]] = [[] for _ in sizes]
+    chunk, slot_row = 0, 0
+    for part, count in enumerate(part_rows):
+        done = 0
+        while done < count:
+            if slot_row == sizes[chunk]:
+                chunk, slot_row = chunk + 1, 0
+            take = min(count - done, sizes[chunk] - slot_row)
+            plan[chunk].append(Span(part, done, slot_row, take))
+            done += take
+            slot_row += take
+    return plan
+
+
+def pick_chunk(rows: int, chunks: Sequence[int], min_chunks: int) -> int:
+    """The chunk size for ``rows`` merged rows, or 0 for one serial batch. ``chunks``: sizes with two captured slots.
+
+    The largest that cuts the rows into at least ``min_chunks`` full chunks, else the largest that makes two;
+    ``min_chunks`` below 2 turns pipelining off. On an H200 (fp16, S=196; BENCHMARKS.md) the best chunk was 8
+    rows for 16, 16 for 48 and 64, 32 for 128 and 256: what ``min_chunks`` 3 over chunks (8, 16, 32) picks.
+    """
+    if min_chunks < 2:
+        return 0
+    for need in (min_chunks, 2):
+        fitting = [c for c in chunks if rows >= need * c]
+        if fitting:
+            return max(fitting)
+    return 0
+
+
+def assign_slots(sizes: Sequence[int], chunk: int) -> list[tuple[int, int]]:
+    """(size, 0 for the bucket's slot or 1 for its spare) per chunk: full chunks of ``chunk`` rows alternate between
+    the two, any other size (the tail, or one whole batch) takes its bucket's own slot."""
+    slots, full = [], 0
+    for size in sizes:
+        if size == chunk:
+            slots.append((size, full % 2))
+            full += 1
+        else:
+            slots.append((size, 0))
+    return slots
+
+
+class Runtime(Protocol):
+    def copy(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None: ...
+
+    def sync(self, stream: int) -> None: ...
+
+    def record(self, event: int, stream: int) -> None: ...
+
+    def wait(self, event: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A captured graph's fixed device buffers, its 'output copied out' event, and how to run it (blocking)."""
+
+    input: int
+    output: int
+    done: int
+    launch: Callable[[], None]
+
+
+def run_chunks(
+    cuda: Runtime,
+    streams: tuple[int, int],
+    slots: Sequence[Slot],
+    plan: Sequence[Sequence[Span]],
+    parts: Sequence[int],
+    outs: Sequence[int],
+    row_bytes: int,
+) -> None:
+    """Run chunk i on ``slots[i]``: H2D chunk i+1 is queued before chunk i runs, D2H chunk i right after it.
+
+    ``parts``/``outs``: host pointers (pinned or registered) of each part and its answer. ``launch`` must return
+    only once the graph has finished (onnxruntime's replay synchronises its stream): that is what makes a slot's
+    input free for the next copy into it. Before a slot computes again, its previous output must have left the
+    device (its ``done`` event). Consecutive chunks need distinct slots.
+    """
+    if len(slots) != len(plan):
+        raise ValueError(f"{len(plan)} chunks need as many slots, got {len(slots)}")
+    if any(a is b for a, b in itertools.pairwise(slots)):
+        raise ValueError("consecutive chunks must run on different slots")
+    in_stream, out_stream = streams
+
+    def copy_in(i: int) -> None:
+        for s in plan[i]:
+            src = parts[s.part] + s.part_row * row_bytes
+            cuda.copy(slots[i].input + s.slot_row * row_bytes, src, s.rows * row_bytes, H2D, in_stream)
+
+    used: set[int] = set()
+    copy_in(0)
+    for i, slot in enumerate(slots):
+        cuda.sync(in_stream)  # chunk i is on the device (chunk i+1 is not queued yet)
+        if i + 1 < len(slots):
+            copy_in(i + 1)  # its slot's last compute (chunk i-1) has finished: its input is free
+        if id(slot) in used:
+            cuda.wait(slot.done)  # this slot's previous output has been copied out
+        slot.launch()
+        used.add(id(slot))
+        for s in plan[i]:
+            dst = outs[s.part] + s.part_row * row_bytes
+            cuda.copy(dst, slot.output + s.slot_row * row_bytes, s.rows * row_bytes, D2H, out_stream)
+        cuda.record(slot.done, out_stream)
+    cuda.sync(out_stream)

@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.bundle import load_bundle
+from converter.pinned import D2H, H2D, data_ptr
+from converter.pipeline import Slot, Span, assign_slots, chunk_sizes, copy_plan, pick_chunk, run_chunks
+from converter.providers import SessionOptions
+from converter.session import EncoderSession, _GraphSlot
+from converter.verify import TOLERANCE
+from tests.converter.fake_streams import FakeStreams
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def test_chunk_sizes_fill_full_chunks_then_the_smallest_bucket_for_the_rest() -> None:
+    assert chunk_sizes(64, 16, BUCKETS) == [16, 16, 16, 16]
+    assert chunk_sizes(40, 16, BUCKETS) == [16, 16, 8]
+    assert chunk_sizes(45, 16, BUCKETS) == [16, 16, 16]  # 13 left: the bucket that holds them is 16
+    assert chunk_sizes(3, 16, BUCKETS) == [4]
+    assert chunk_sizes(64, 64, BUCKETS) == [64]
+    with pytest.raises(ValueError):
+        chunk_sizes(0, 16, BUCKETS)
+
+
+def test_copy_plan_spans_parts_across_chunks_and_chunks_across_parts() -> None:
+    plan = copy_plan([5, 3, 10], [8, 8, 2])
+    assert plan == [
+        [Span(0, 0, 0, 5), Span(1, 0, 5, 3)],  # two parts in the first chunk
+        [Span(2, 0, 0, 8)],
+        [Span(2, 8, 0, 2)],  # the third part's tail in the last chunk
+    ]
+    assert copy_plan([4], [8]) == [[Span(0, 0, 0, 4)]]  # padding rows are not copied
+    assert copy_plan([0, 2], [2]) == [[Span(1, 0, 0, 2)]]  # an empty part has no copy
+    with pytest.raises(ValueError, match="do not fit"):
+        copy_plan([9], [8])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_copy_plan_covers_every_row_once_in_order(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    part_rows = [int(r) for r in rng.integers(0, 40, size=int(rng.integers(1, 9)))]
+    total = max(1, sum(part_rows))
+    chunk = int(rng.choice([1, 2, 4, 8, 16, 32]))
+    sizes = chunk_sizes(total, chunk, BUCKETS)
+    plan = copy_plan(part_rows, sizes)
+    merged = [(p, r) for p, n in enumerate(part_rows) for r in range(n)]  # rows in the order of the batch
+    seen = []
+    for chunk_index, spans in enumerate(plan):
+        slot_rows = [s.slot_row + k for s in spans for k in range(s.rows)]
+        assert slot_rows == list(range(len(slot_rows)))  # each chunk filled from its first row, no gaps
+        assert len(slot_rows) <= sizes[chunk_index]
+        seen += [(s.part, s.part_row + k) for s in spans for k in range(s.rows)]
+    assert seen == merged
+
+
+def test_pick_chunk_aims_for_enough_full_chunks_then_two() -> None:
+    defaults = SessionOptions()
+    # The defaults pick what won on the H200 (BENCHMARKS.md; 32 rows: 8 and 16 within noise of each other).
+    sizes = (8, 15, 16, 32, 48, 64, 128, 256)
+    picks = [pick_chunk(rows, defaults.pipeline_chunks, defaults.pipeline_min_chunks) for rows in sizes]
+    assert picks == [0, 0, 8, 8, 16, 16, 32, 32]
+    assert pick_chunk(48, [16, 32], 4) == 16  # not four chunks of either: two of 16
+    assert pick_chunk(31, [16, 32], 4) == 0  # not even two full chunks
+    assert pick_chunk(64, [16, 32], 2) == 32
+    assert pick_chunk(256, [], 2) == 0
+    assert pick_chunk(256, [16], 1) == 0  # one chunk is no pipeline: off
+
+
+def test_assign_slots_alternates_full_chunks_and_gives_the_tail_its_bucket() -> None:
+    assert assign_slots([16, 16, 16, 8], 16) == [(16, 0), (16, 1), (16, 0), (8, 0)]
+    assert assign_slots([64], 0) == [(64, 0)]  # one serial batch on its bucket's slot
+
+
+class Device:
+    """Two slots per chunk size (and one per other bucket), each a 'graph' computing rows * 2 + 1."""
+
+    def __init__(self, cuda: FakeStreams, dim: int) -> None:
+        self.cuda, self.dim, self.events = cuda, dim, itertools.count(100)
+        self.buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def slot(self, rows: int) -> Slot:
+        inp, out = np.full((rows, self.dim), np.nan), np.full((rows, self.dim), np.nan)
+        launch = functools.partial(self.cuda.launch, inp, out, lambda x: x * 2 + 1)
+        made = Slot(data_ptr(inp), data_ptr(out), next(self.events), launch)
+        self.buffers[id(made)] = (inp, out)
+        return made
+
+
+def pipelined(cuda: FakeStreams, part_rows: list[int], chunk: int, in_place: bool) -> list[np.ndarray]:
+    dim = 3
+    rng = np.random.default_rng(sum(part_rows) + chunk)
+    parts = [rng.standard_normal((n, dim)) for n in part_rows]
+    expected = [p * 2 + 1 for p in parts]
+    outs = parts if in_place else [np.full_like(p, np.nan) for p in parts]
+    device = Device(cuda, dim)
+    sizes = chunk_sizes(sum(part_rows), chunk, BUCKETS)
+    pair = (device.slot(chunk), device.slot(chunk))
+    slots = [pair[which] if size == chunk else device.slot(size) for size, which in assign_slots(sizes, chunk)]
+    plan = copy_plan(part_rows, sizes)
+    run_chunks(cuda, (1, 2), slots, plan, [data_ptr(p) for p in parts], [data_ptr(o) for o in outs], dim * 8)
+    assert all(isinstance(op, int) for queue in cuda.queues.values() for op in queue)  # every copy has run
+    for out, want in zip(outs, expected, strict=True):
+        np.testing.assert_array_equal(out, want)
+    return outs
+
+
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize(
+    ("part_rows", "chunk"),
+    [([16, 16, 16, 16], 16), ([16, 16, 16, 16], 8), ([5, 11, 7, 9], 8), ([40], 16), ([3, 2], 4), ([64], 64)],
+)
+def test_run_chunks_answers_every_row_whatever_order_the_copies_run_in(
+    eager: bool, in_place: bool, part_rows: list[int], chunk: int
+) -> None:
+    cuda = FakeStreams(eager=eager)
+    pipelined(cuda, part_rows, chunk, in_place)
+    assert cuda.launches == len(chunk_sizes(sum(part_rows), chunk, BUCKETS))
+
+
+def test_run_chunks_queues_the_next_input_before_computing_and_copies_out_after() -> None:
+    cuda = FakeStreams()
+    pipelined(cuda, [16, 16, 16, 16], 16, in_place=True)
+    h2d = [i for i, (what, kind, _) in enumerate(cuda.log) if what == "copy" and kind == H2D]
+    d2h = [i for i, (what, kind, _) in enumerate(cuda.log) if what == "copy" and kind == D2H]
+    assert len(h2d) == len(d2h) == 4 and all(cuda.log[i][2] == 1 for i in h2d) and all(cuda.log[i][2] == 2 for i in d2h)
+    # Chunk 1's input is queued before chunk 0's output (i.e. before chunk 0 ran): the copy overlaps compute.
+    assert h2d[1] < d2h[0] and h2d[2] < d2h[1] and h2d[3] < d2h[2]
+    syncs = [i for i, (what, _, stream) in enumerate(cuda.log) if what == "sync" and stream == 2]
+    assert syncs == [len(cuda.log) - 1]  # the output stream is waited on once, at the end
+
+
+def test_the_fake_refuses_a_launch_with_a_copy_still_due() -> None:
+    cuda = FakeStreams()
+    inp, out = np.zeros(4), np.zeros(4)
+    src = np.ones(4)
+    cuda.copy(data_ptr(inp), data_ptr(src), inp.nbytes, H2D, 1)
+    with pytest.raises(AssertionError, match="still queued"):
+        cuda.launch(inp, out, lambda x: x)
+    cuda.sync(1)
+    cuda.launch(inp, out, lambda x: x)
+    np.testing.assert_array_equal(out, src)
+
+
+def test_run_chunks_refuses_one_slot_for_consecutive_chunks() -> None:
+    cuda = FakeStreams()
+    slot = Device(cuda, 2).slot(4)
+    with pytest.raises(ValueError, match="different slots"):
+        run_chunks(cuda, (1, 2), [slot, slot], copy_plan([8], [4, 4]), [0], [0], 16)
+
+
+class _Value:
+    """An OrtValue stand-in over a host array (the fake device buffer)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def data_ptr(self) -> int:
+        return data_ptr(self.array)
+
+    def shape(self) -> list[int]:
+        return list(self.array.shape)
+
+
+def test_session_run_into_through_chunks_matches_per_part_runs(
+    small_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EncoderSession's own chunk wiring (slots, spares, tail bucket, in place) on a fake device whose graphs are
+    the real CPU session: the answers must be the per-part answers, whatever the chunking."""
+    bundle = load_bundle(small_bundle)
+    options = SessionOptions(provider="cpu", batch_buckets=(1, 2, 4, 8), seq_lens=(16,), pipeline_chunks=(2, 4))
+    session = EncoderSession(bundle, dataclasses.replace(options, pipeline_min_chunks=2))
+    cpu, cuda, dim = session.session, FakeStreams(), session.dim
+    rng = np.random.default_rng(5)
+    parts = [rng.standard_normal((b, 16, dim)).astype(np.float32) for b in (1, 3, 2)]
+    expected = [cpu.run(None, {bundle.input_name: p})[0] for p in parts]
+
+    def slot(batch: int, graph_id: int) -> _GraphSlot:
+        inp, out = (_Value(np.full((batch, 16, dim), np.nan, np.float32)) for _ in range(2))
+        return _GraphSlot(graph_id, (inp.array, out.array), inp, out, None, done=1000 + graph_id)
+
+    class FakeOrt:
+        def run_with_iobinding(self, binding: tuple[np.ndarray, np.ndarray], run_options: object) -> None:
+            cuda.launch(*binding, lambda x: cpu.run(None, {bundle.input_name: x})[0])
+
+    graphs = {(b, 16): slot(b, b) for b in (1, 2, 4, 8)}
+    monkeypatch.setattr(session, "session", FakeOrt())
+    monkeypatch.setattr(session, "_cuda", cuda)
+    monkeypatch.setattr(session, "_in_stream", 1, raising=False)
+    monkeypatch.setattr(session, "_out_stream", 2, raising=False)
+    monkeypatch.setattr(session, "_graphs", graphs)
+    monkeypatch.setattr(session, "_spares", {(c, 16): slot(c, 100 + c) for c in (2, 4)})
+    tolerance = TOLERANCE[bundle.precision]
+    # None: the policy (6 rows make 2 full chunks of 2, not of 4); 0: one batch on bucket 8; 4: 4 + a tail of 2.
+    for chunk, ran, launches in ((None, 6, 3), (0, 8, 1), (4, 6, 2), (2, 6, 3)):
+        before = cuda.launches
+        outs = [np.full_like(p, np.nan) for p in parts]
+        assert session.run_into(parts, outs, chunk=chunk) == ran
+        assert cuda.launches - before == launches
+        for out, want in zip(outs, expected, strict=True):
+            np.testing.assert_allclose(out, want, rtol=tolerance, atol=tolerance)
+    inputs = [p.copy() for p in parts]
+    assert session.run_into(inputs, inputs) == 6  # in place, as the engine process does
+    for out, want in zip(inputs, expected, strict=True):
+        np.testing.assert_allclose(out, want, rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="no pipelined slots"):
+        session.run_into(parts, [np.empty_like(p) for p in parts], chunk=1)
