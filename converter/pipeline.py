@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from converter.pinned import D2H, H2D
 
 
@@ -73,6 +75,21 @@ def pick_chunk(rows: int, chunks: Sequence[int], min_chunks: int) -> int:
         if fitting:
             return max(fitting)
     return 0
+
+
+def cross_aliased(parts: Sequence[tuple[int, int]], outs: Sequence[tuple[int, int]]) -> bool:
+    """Does an out's memory (start, nbytes) overlap a part other than its own, or its own part shifted?
+
+    Then a chunk's answer could land on input rows not yet copied in (the serial path copies every input in
+    first): such a batch must run serially. An out that is exactly its part (answers in place) is fine.
+    """
+    if not parts:
+        return False
+    p, o = np.asarray(parts, dtype=np.int64), np.asarray(outs, dtype=np.int64)
+    p_lo, p_hi, o_lo, o_hi = p[:, 0], p[:, 0] + p[:, 1], o[:, 0:1], o[:, 0:1] + o[:, 1:2]
+    overlap = (o_lo < p_hi) & (p_lo < o_hi)  # [out, part]
+    np.fill_diagonal(overlap, np.diagonal(overlap) & (o[:, 0] != p[:, 0]))
+    return bool(overlap.any())
 
 
 def assign_slots(sizes: Sequence[int], chunk: int) -> list[tuple[int, int]]:

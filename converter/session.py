@@ -29,7 +29,7 @@ from converter.bundle import Bundle
 from converter.devices import cuda_device_count
 from converter.errors import ProviderError
 from converter.pinned import D2H, H2D, CudaRuntime, PinnedPool, data_ptr, load_cudart
-from converter.pipeline import Slot, assign_slots, chunk_sizes, copy_plan, pick_chunk, run_chunks
+from converter.pipeline import Slot, assign_slots, chunk_sizes, copy_plan, cross_aliased, pick_chunk, run_chunks
 from converter.providers import (
     CPU,
     CUDA,
@@ -205,6 +205,8 @@ class EncoderSession:
             return rows
         if chunk is None:
             chunk = pick_chunk(rows, [c for c, s in self._spares if s == seq], self.options.pipeline_min_chunks)
+        if chunk and cross_aliased(*([(data_ptr(a), a.nbytes) for a in arrays] for arrays in (parts, outs))):
+            chunk = 0  # an answer could overwrite input rows not yet copied in: copy every input in first
         with self._lock:
             return self._run_into_chunks(parts, outs, chunk, seq)
 

@@ -10,7 +10,16 @@ import pytest
 
 from converter.bundle import load_bundle
 from converter.pinned import D2H, H2D, data_ptr
-from converter.pipeline import Slot, Span, assign_slots, chunk_sizes, copy_plan, pick_chunk, run_chunks
+from converter.pipeline import (
+    Slot,
+    Span,
+    assign_slots,
+    chunk_sizes,
+    copy_plan,
+    cross_aliased,
+    pick_chunk,
+    run_chunks,
+)
 from converter.providers import SessionOptions
 from converter.session import EncoderSession, _GraphSlot
 from converter.verify import TOLERANCE
@@ -169,18 +178,13 @@ class _Value:
         return list(self.array.shape)
 
 
-def test_session_run_into_through_chunks_matches_per_part_runs(
-    small_bundle: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """EncoderSession's own chunk wiring (slots, spares, tail bucket, in place) on a fake device whose graphs are
-    the real CPU session: the answers must be the per-part answers, whatever the chunking."""
+def fake_device_session(small_bundle: Path, monkeypatch: pytest.MonkeyPatch, cuda: FakeStreams) -> EncoderSession:
+    """A CPU session whose 'device' is ``cuda``: captured slots for buckets 1..8, spares for chunks of 2 and 4, each
+    graph the real CPU session run on the slot's input (the engine wiring of run_into, without a GPU)."""
     bundle = load_bundle(small_bundle)
     options = SessionOptions(provider="cpu", batch_buckets=(1, 2, 4, 8), seq_lens=(16,), pipeline_chunks=(2, 4))
     session = EncoderSession(bundle, dataclasses.replace(options, pipeline_min_chunks=2))
-    cpu, cuda, dim = session.session, FakeStreams(), session.dim
-    rng = np.random.default_rng(5)
-    parts = [rng.standard_normal((b, 16, dim)).astype(np.float32) for b in (1, 3, 2)]
-    expected = [cpu.run(None, {bundle.input_name: p})[0] for p in parts]
+    cpu, dim = session.session, session.dim
 
     def slot(batch: int, graph_id: int) -> _GraphSlot:
         inp, out = (_Value(np.full((batch, 16, dim), np.nan, np.float32)) for _ in range(2))
@@ -190,14 +194,31 @@ def test_session_run_into_through_chunks_matches_per_part_runs(
         def run_with_iobinding(self, binding: tuple[np.ndarray, np.ndarray], run_options: object) -> None:
             cuda.launch(*binding, lambda x: cpu.run(None, {bundle.input_name: x})[0])
 
-    graphs = {(b, 16): slot(b, b) for b in (1, 2, 4, 8)}
     monkeypatch.setattr(session, "session", FakeOrt())
     monkeypatch.setattr(session, "_cuda", cuda)
     monkeypatch.setattr(session, "_in_stream", 1, raising=False)
     monkeypatch.setattr(session, "_out_stream", 2, raising=False)
-    monkeypatch.setattr(session, "_graphs", graphs)
+    monkeypatch.setattr(session, "_graphs", {(b, 16): slot(b, b) for b in (1, 2, 4, 8)})
     monkeypatch.setattr(session, "_spares", {(c, 16): slot(c, 100 + c) for c in (2, 4)})
-    tolerance = TOLERANCE[bundle.precision]
+    return session
+
+
+def cpu_answers(small_bundle: Path, parts: list[np.ndarray]) -> list[np.ndarray]:
+    session = EncoderSession(load_bundle(small_bundle), SessionOptions(provider="cpu"))
+    return [session.run(p) for p in parts]
+
+
+def test_session_run_into_through_chunks_matches_per_part_runs(
+    small_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EncoderSession's own chunk wiring (slots, spares, tail bucket, in place): the answers must be the per-part
+    answers, whatever the chunking."""
+    cuda = FakeStreams()
+    session = fake_device_session(small_bundle, monkeypatch, cuda)
+    rng = np.random.default_rng(5)
+    parts = [rng.standard_normal((b, 16, session.dim)).astype(np.float32) for b in (1, 3, 2)]
+    expected = cpu_answers(small_bundle, parts)
+    tolerance = TOLERANCE[session.bundle.precision]
     # None: the policy (6 rows make 2 full chunks of 2, not of 4); 0: one batch on bucket 8; 4: 4 + a tail of 2.
     for chunk, ran, launches in ((None, 6, 3), (0, 8, 1), (4, 6, 2), (2, 6, 3)):
         before = cuda.launches
@@ -212,3 +233,28 @@ def test_session_run_into_through_chunks_matches_per_part_runs(
         np.testing.assert_allclose(out, want, rtol=tolerance, atol=tolerance)
     with pytest.raises(ValueError, match="no pipelined slots"):
         session.run_into(parts, [np.empty_like(p) for p in parts], chunk=1)
+
+
+def test_cross_aliased_finds_outs_over_other_parts_inputs() -> None:
+    assert not cross_aliased([(0, 8), (8, 8)], [(0, 8), (8, 8)])  # in place
+    assert not cross_aliased([(0, 8), (8, 8)], [(100, 8), (108, 8)])  # apart
+    assert cross_aliased([(0, 8), (8, 8)], [(8, 8), (0, 8)])  # swapped: each answer lands on the other's input
+    assert cross_aliased([(0, 8)], [(4, 8)])  # its own input, shifted
+    assert not cross_aliased([], [])
+
+
+def test_session_runs_cross_aliased_outs_serially(small_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers written over another part's input rows: chunk 0's answer would land (eager copies) before chunk 2's
+    input was copied in; the session copies every input in first, as one batch, and the answers stay right."""
+    cuda = FakeStreams(eager=True)
+    session = fake_device_session(small_bundle, monkeypatch, cuda)
+    buf = np.random.default_rng(6).standard_normal((6, 16, session.dim)).astype(np.float32)
+    parts = [buf[0:2], buf[2:4], buf[4:6]]
+    expected = cpu_answers(small_bundle, [p.copy() for p in parts])
+    outs = [buf[4:6], buf[2:4], buf[0:2]]  # part 0's answer over part 2's input, and back
+    before = cuda.launches
+    assert session.run_into(parts, outs, chunk=2) == 8  # one batch on bucket 8, not three chunks of 2
+    assert cuda.launches - before == 1
+    tolerance = TOLERANCE[session.bundle.precision]
+    for out, want in zip(outs, expected, strict=True):
+        np.testing.assert_allclose(out, want, rtol=tolerance, atol=tolerance)
