@@ -5,8 +5,8 @@ processes (closed loop, single-sample S x D fp16 requests) and stopped. Servers:
 bytes), ``json`` (ours, JSON bodies: the format's cost), ``echo`` (the I/O ceiling), ``naive`` (FastAPI +
 PyTorch eager, no batching), ``litserve`` (LitServe batching, the same onnxruntime session; skipped where
 LitServe is not installed), ``triton`` (a real Triton Inference Server on the same bundle, OIP loads only).
-``--protocols`` adds the Open Inference Protocol loads (HTTP binary tensors, gRPC, system shared memory, at
-each of ``--client-batches``) on the service and Triton; see ``loadtest/peers/oip_bench.py``. Saves JSON and
+``--protocols`` adds the Open Inference Protocol loads (HTTP binary tensors, gRPC, system and CUDA shared memory,
+at each of ``--client-batches``) on the service and Triton; see ``loadtest/peers/oip_bench.py``. Saves JSON and
 prints markdown tables. On the GPU host, one command:
 
     python loadtest/bench_service.py --model-dir bundles/fp16 --workers 8 --concurrency 24,96,192
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = ensure_bundle(args.model_dir, args.device)
     args.references = oip_bench.References(args, manifest)
     started = time.time()
+    engine = oip_bench.engine_baseline(args)  # before any server: the GPU to itself
     results, skipped = run_servers(args, int(manifest["dims"]["dim"]))
     scaling = device_scaling(results, args.devices) if len(args.devices) > 1 else []
     document = {
@@ -335,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.time() - started, 1),
         "results": results,
         "targets": targets(results),
-        "oip_targets": oip_bench.oip_targets(results),
+        "engine_device_only": engine,
+        "oip_targets": oip_bench.oip_targets(results, engine),
         "skipped": skipped,
         "device_scaling": scaling,
     }

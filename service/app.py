@@ -144,7 +144,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.shared_memory = system = open_shared_memory(settings)
-        state.cuda_shared_memory = open_cuda_shared_memory(settings, lambda name: system_has(system, name))
+        state.cuda_shared_memory = cuda = open_cuda_shared_memory(settings, lambda name: system_has(system, name))
         loading = asyncio.create_task(bring_up(state, engine), name="encoder-load")
         if settings.workers > 1:
             # Workers share one listening socket and uvicorn accepts only after the lifespan started, so a worker
@@ -157,6 +157,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         except BaseException:
             loading.cancel()
             raise
+        sweeping = None if cuda is None else asyncio.create_task(cuda.sweep_forever(), name="encoder-cudashm-sweep")
         try:
             yield
         finally:
@@ -173,6 +174,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             state.metrics.close()
             if isinstance(state.shared_memory, SystemSharedMemory):
                 state.shared_memory.close()
+            if sweeping is not None:
+                sweeping.cancel()
             if state.cuda_shared_memory is not None:
                 state.cuda_shared_memory.close()
 

@@ -10,6 +10,7 @@ client batch: each sample run alone through the bundle's ONNX model by plain onn
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import subprocess
 import sys
@@ -85,6 +86,8 @@ def concurrencies(args: argparse.Namespace, batch: int) -> list[int]:
 # The service flags each OIP load needs; a service without them skips that load (Triton still runs it).
 NEEDS = {"oip-http": (), "grpc": ("--grpc-port",), "shm-grpc": ("--grpc-port", "--shared-memory")}
 NEEDS["shm-http"] = ("--shared-memory",)
+NEEDS["cuda-shm"] = ("--cuda-memory",)  # the CUDA shared-memory extension came with that flag
+NEEDS["cuda-shm-grpc"] = ("--grpc-port", "--cuda-memory")
 
 
 def service_protocols(args: argparse.Namespace) -> list[str]:
@@ -103,8 +106,12 @@ def service_flags(args: argparse.Namespace, grpc_port: int) -> list[str]:
     flags = []
     if "--grpc-port" in args.service_help:
         flags += ["--grpc-port", str(grpc_port)]
-    if any(p.startswith("shm") for p in protocols):
-        flags += ["--shared-memory", "system"]
+    prefixes = (("system", "shm"), ("cuda", "cuda-shm"))
+    kinds = [kind for kind, prefix in prefixes if any(p.startswith(prefix) for p in protocols)]
+    if kinds:
+        flags += ["--shared-memory", ",".join(kinds)]
+    if "cuda" in kinds and getattr(args, "device", "cuda") == "cpu":
+        flags += ["--cuda-memory", "fake"]  # the CPU self-test: the test-only fake device layer
     return flags
 
 
@@ -192,7 +199,8 @@ def oip_points(
     for protocol in protocols:
         for batch in args.client_batch_list:
             inputs, expected = refs.get(batch)
-            spec = OipSpec(protocol, http, grpc, inputs, expected, tolerance=args.check_tolerance)
+            fake = args.device == "cpu"  # CUDA shared memory on the CPU: the service's fake layer (self-test)
+            spec = OipSpec(protocol, http, grpc, inputs, expected, tolerance=args.check_tolerance, cuda_fake=fake)
             concs = concurrencies(args, batch)
             for conc in concs:
                 log.info("%s %s x%d at concurrency %d for %.0f s", entry, protocol, batch, conc, args.duration)
@@ -252,8 +260,26 @@ def comparison(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def oip_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Issue 11's bars, from the service's points: best samples/s of each load against raw /encode's best."""
+def engine_baseline(args: argparse.Namespace) -> dict[str, float] | None:
+    """The engine's device-only samples/s per client batch, measured in its own process before any server runs,
+    when a CUDA shared-memory load is asked for on a GPU (None otherwise, or if it failed: logged)."""
+    if args.device != "cuda" or not any(p.startswith("cuda-shm") for p in oip_protocols(args)):
+        return None
+    command = [sys.executable, "-m", "loadtest.peers.engine_baseline", "--model-dir", str(args.model_dir)]
+    command += ["--batches", ",".join(str(b) for b in args.client_batch_list), "--seq", str(args.seq)]
+    log.info("engine device-only baseline: %s", " ".join(command))
+    done = subprocess.run(command, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        log.error("the engine baseline failed (exit %s):\n%s", done.returncode, done.stderr[-3000:])
+        return None
+    rates: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])["samples_per_s"]
+    log.info("engine device-only samples/s: %s", {b: round(r) for b, r in rates.items()})
+    return rates
+
+
+def oip_targets(results: list[dict[str, Any]], engine: dict[str, float] | None = None) -> dict[str, Any]:
+    """Issue 11's bars, from the service's points: best samples/s of each load against raw /encode's best; and
+    issue 13's: CUDA shared memory at client batch 64 against the engine's device-only samples/s at 64."""
 
     def best(fmt: str) -> float | None:
         rates = [r["samples_per_s"] for r in results if r["server"] == "service" and r["format"] == fmt]
@@ -267,4 +293,10 @@ def oip_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         found[fmt] = {"best": rate, "vs_raw": rate / raw if raw else None, "bar_vs_raw": bar}
         found[fmt]["meets"] = bool(raw and rate / raw >= bar and (not fmt.startswith("shm") or rate >= 60_000))
+    device_only = (engine or {}).get("64")
+    for fmt in ("cuda-shm x64", "cuda-shm-grpc x64"):
+        rate = best(fmt)
+        if rate is not None and device_only:
+            found[fmt] = {"best": rate, "engine_device_only": device_only, "vs_engine": rate / device_only}
+            found[fmt] |= {"bar_vs_engine": 0.8, "meets": rate / device_only >= 0.8}
     return found

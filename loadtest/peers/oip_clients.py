@@ -27,7 +27,7 @@ import numpy as np
 
 from loadtest.peers.loadgen import ClientReport
 
-PROTOCOLS = ("oip-http", "grpc", "shm-http", "shm-grpc")
+PROTOCOLS = ("oip-http", "grpc", "shm-http", "shm-grpc", "cuda-shm", "cuda-shm-grpc")
 TRITON_DTYPES = {"float16": "FP16", "float32": "FP32"}
 
 
@@ -43,6 +43,8 @@ class OipSpec:
     model: str = "encoder"
     tolerance: float = 2e-2  # relative L2 error per sample
     full_every: int = 50
+    cuda_device: int = 0  # CUDA shared memory: the GPU the client allocates on (the service's ordinal)
+    cuda_fake: bool = False  # CUDA shared memory through the service's test-only fake layer (CPU self-test)
 
     @property
     def samples(self) -> int:
@@ -107,6 +109,11 @@ class AnswerCheck:
         got = out.astype(np.float32) if full else out[:, self.rows, :].astype(np.float32)
         want = spec.expected if full else self.expected_rows
         self.counts["values_full" if full else "values_rows"] += 1
+        return self.compare(got, want)
+
+    def compare(self, got: np.ndarray, want: np.ndarray) -> str | None:
+        """float32 answers (all rows, or the checked ones) against the reference's same rows."""
+        spec = self.spec
         if not np.isfinite(got).all():
             return "non-finite values in the answer"
         diff = np.linalg.norm((got - want).reshape(len(got), -1), axis=1)
@@ -325,7 +332,16 @@ LOOPS: dict[str, Callable[[OipSpec, int, tuple[float, float]], ClientReport]] = 
     "shm-http": _http_loop,
     "grpc": lambda spec, inflight, window: asyncio.run(_grpc_loop(spec, inflight, window)),
     "shm-grpc": lambda spec, inflight, window: asyncio.run(_grpc_loop(spec, inflight, window)),
+    "cuda-shm": lambda spec, inflight, window: _cuda().http_loop(spec, inflight, window),
+    "cuda-shm-grpc": lambda spec, inflight, window: _cuda().grpc_loop(spec, inflight, window),
 }
+
+
+def _cuda() -> Any:
+    """The CUDA shared-memory loads (imported where they run: they need cuda-python on a GPU)."""
+    from loadtest.peers import cuda_clients
+
+    return cuda_clients
 
 
 def message(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ each kind on its own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -313,6 +314,15 @@ class CudaSharedMemory:
             closing = [r for r in regions if self._retire_locked(r)]
         for region in closing:
             self._close(region)
+
+    async def sweep_forever(self) -> None:
+        """Every :data:`SWEEP_S`, close the handles of regions unregistered through other workers, also in a
+        worker no request reaches: an open handle keeps the client's memory mapped (and, as long as the client
+        does not free it, allocated)."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            if self._open:
+                await asyncio.to_thread(self._sweep)
 
     @property
     def opened(self) -> int:

@@ -249,3 +249,29 @@ def test_a_region_freed_after_registration_fails_in_a_worker_that_had_not_opened
 
 def test_fake_handles_name_their_device() -> None:
     assert len(fake_handle("x", 3)) == 64 and fake_handle("x", 3)[8] == 3
+
+
+@pytest.mark.anyio
+async def test_an_idle_worker_closes_handles_of_regions_unregistered_elsewhere(
+    registry: CudaSharedMemory, registry_dir: Path, make_region: MakeRegion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    monkeypatch.setattr("service.cudashm.registry.SWEEP_S", 0.01)
+    other_device = FakeDeviceMemory()
+    other = CudaSharedMemory(other_device, {0: 0}, registry_dir)
+    sweeping = asyncio.create_task(other.sweep_forever())
+    try:
+        registry.register("r", make_region(256).handle, 0, 256)
+        lease = other.lease(SharedMemoryRef("r", 0, 64), F32, (16,))
+        assert lease is not None
+        lease.release()
+        registry.unregister("r")
+        for _ in range(200):  # no request reaches the other worker: its sweeper closes the handle
+            if other_device.opened == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert other_device.opened == 0 and other.opened == 0
+    finally:
+        sweeping.cancel()
+        other.close()
