@@ -83,8 +83,11 @@ def cross_aliased(parts: Sequence[tuple[int, int]], outs: Sequence[tuple[int, in
     Then a chunk's answer could land on input rows not yet copied in (the serial path copies every input in
     first): such a batch must run serially. An out that is exactly its part (answers in place) is fine.
     """
-    if not parts:
-        return False
+    if all(part == out for part, out in zip(parts, outs, strict=True)):
+        return False  # in place (or nothing): the engine's usual case, checked first because it is cheap
+    first, end = min(s for s, _ in parts), max(s + n for s, n in parts)
+    if max(s + n for s, n in outs) <= first or end <= min(s for s, _ in outs):
+        return False  # every answer lies outside the span of the inputs (separate output regions)
     p, o = np.asarray(parts, dtype=np.int64), np.asarray(outs, dtype=np.int64)
     p_lo, p_hi, o_lo, o_hi = p[:, 0], p[:, 0] + p[:, 1], o[:, 0:1], o[:, 0:1] + o[:, 1:2]
     overlap = (o_lo < p_hi) & (p_lo < o_hi)  # [out, part]

@@ -205,22 +205,22 @@ class EncoderSession:
             return rows
         if chunk is None:
             chunk = pick_chunk(rows, [c for c, s in self._spares if s == seq], self.options.pipeline_min_chunks)
-        if chunk and cross_aliased(*([(data_ptr(a), a.nbytes) for a in arrays] for arrays in (parts, outs))):
+        ins, ats, sizes = [data_ptr(p) for p in parts], [data_ptr(o) for o in outs], [p.nbytes for p in parts]
+        if chunk and cross_aliased(list(zip(ins, sizes, strict=True)), list(zip(ats, sizes, strict=True))):
             chunk = 0  # an answer could overwrite input rows not yet copied in: copy every input in first
         with self._lock:
-            return self._run_into_chunks(parts, outs, chunk, seq)
+            return self._run_into_chunks([int(p.shape[0]) for p in parts], (ins, ats), chunk, seq)
 
-    def _run_into_chunks(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray], chunk: int, seq: int) -> int:
-        """Chunks of ``chunk`` rows on their two slots (a smaller tail on its bucket's); 0: one batch, one slot."""
+    def _run_into_chunks(self, part_rows: list[int], ptrs: tuple[list[int], list[int]], chunk: int, seq: int) -> int:
+        """Chunks of ``chunk`` rows on their two slots (a smaller tail on its bucket's); 0: one batch, one slot.
+        ``ptrs``: the host addresses of the parts and of their outs."""
         assert self._cuda is not None
         if chunk and (chunk, seq) not in self._spares:
             raise ValueError(f"no pipelined slots for chunks of {chunk} rows at seq {seq}")
         buckets = sorted(b for b, s in self._graphs if s == seq)
-        part_rows = [int(p.shape[0]) for p in parts]
         sizes = chunk_sizes(sum(part_rows), chunk or buckets[-1], buckets)
         chosen = [(self._spares if spare else self._graphs)[(size, seq)] for size, spare in assign_slots(sizes, chunk)]
         stages = {id(s): self._stage(s) for s in chosen}
-        ptrs = [data_ptr(p) for p in parts], [data_ptr(o) for o in outs]
         row_bytes = seq * self.dim * self.dtype.itemsize
         streams = (self._in_stream, self._out_stream)
         run_chunks(self._cuda, streams, [stages[id(s)] for s in chosen], copy_plan(part_rows, sizes), *ptrs, row_bytes)

@@ -241,6 +241,8 @@ def test_cross_aliased_finds_outs_over_other_parts_inputs() -> None:
     assert cross_aliased([(0, 8), (8, 8)], [(8, 8), (0, 8)])  # swapped: each answer lands on the other's input
     assert cross_aliased([(0, 8)], [(4, 8)])  # its own input, shifted
     assert not cross_aliased([], [])
+    assert not cross_aliased([(0, 8), (100, 8)], [(50, 8), (200, 8)])  # interleaved regions, no overlap
+    assert cross_aliased([(0, 8), (100, 8)], [(50, 8), (96, 8)])  # interleaved, the second answer over its input
 
 
 def test_session_runs_cross_aliased_outs_serially(small_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
