@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from converter.bundle import Bundle
+from converter.device_rows import DeviceRows, Placed, contiguous, source, target
 from converter.devices import cuda_device_count
 from converter.errors import ProviderError
 from converter.pinned import D2H, H2D, CudaRuntime, PinnedPool, data_ptr, load_cudart
@@ -210,6 +211,46 @@ class EncoderSession:
             chunk = 0  # an answer could overwrite input rows not yet copied in: copy every input in first
         with self._lock:
             return self._run_into_chunks([int(p.shape[0]) for p in parts], (ins, ats), chunk, seq)
+
+    def run_device_into(self, parts: Sequence[Placed], outs: Sequence[Placed]) -> int:
+        """:meth:`run_into` where some parts or outs lie in this GPU's memory (:class:`DeviceRows`: a client's CUDA
+        shared-memory region): each goes into its rows of the captured slot with one device-to-device copy, and
+        its answer out of them with one; host arrays with one host-to-device / device-to-host copy each, as in
+        ``run_into``. One serial batch on the smallest captured bucket that holds every row (no pipelining: the
+        device copies cost microseconds). ValueError when no captured shape holds them, or an item is not one
+        contiguous block of the session's dtype. Returns the batch size that ran, padding included.
+        """
+        if not any(isinstance(item, DeviceRows) for item in (*parts, *outs)):
+            return self.run_into(parts, outs)  # type: ignore[arg-type]  # all host arrays
+        if not parts or len(parts) != len(outs):
+            raise ValueError(f"run_device_into needs one out per part, got {len(parts)} parts and {len(outs)} outs")
+        seq = int(parts[0].shape[1]) if parts[0].ndim == 3 else -1
+        for part, out in zip(parts, outs, strict=True):
+            if part.ndim != 3 or tuple(part.shape[1:]) != (seq, self.dim) or tuple(out.shape) != tuple(part.shape):
+                wanted = f"(b, {seq}, {self.dim})"
+                raise ValueError(f"parts must be {wanted} with outs alike, got {part.shape} -> {out.shape}")
+            if not (contiguous(part, self.dtype) and contiguous(out, self.dtype)):
+                raise ValueError(f"parts and outs must be contiguous {self.dtype.name}")
+        rows = sum(int(part.shape[0]) for part in parts)
+        buckets = sorted(b for b, s in self._graphs if s == seq and b >= rows)
+        if self._cuda is None or not buckets:
+            raise ValueError(f"device-resident parts need a captured shape of at least {rows} rows at seq {seq}")
+        slot, cuda = self._graphs[(buckets[0], seq)], self._cuda
+        with self._lock:
+            at = slot.input.data_ptr()
+            for part in parts:
+                address, kind = source(part)
+                cuda.copy(at, address, part.nbytes, kind, self._in_stream)
+                at += part.nbytes
+            cuda.sync(self._in_stream)
+            self.session.run_with_iobinding(slot.binding, slot.run_options)
+            at = slot.output.data_ptr()
+            for out in outs:
+                address, kind = target(out)
+                cuda.copy(address, at, out.nbytes, kind, self._out_stream)
+                at += out.nbytes
+            cuda.sync(self._out_stream)
+        return buckets[0]
 
     def _run_into_chunks(self, part_rows: list[int], ptrs: tuple[list[int], list[int]], chunk: int, seq: int) -> int:
         """Chunks of ``chunk`` rows on their two slots (a smaller tail on its bucket's); 0: one batch, one slot.

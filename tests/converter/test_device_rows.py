@@ -1,0 +1,76 @@
+"""run_device_into: parts and answers in device memory (a client's CUDA region) copied device to device into and
+out of the captured slot, host ones host to device and back, in one batch; on a fake device whose copies check
+that each kind names the right sides."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.device_rows import D2D, DeviceRows
+from converter.pinned import D2H, H2D, data_ptr
+from tests.converter.fake_streams import FakeStreams
+from tests.converter.test_pipeline import TOLERANCE, cpu_answers, fake_device_session
+
+
+class KindCheckingStreams(FakeStreams):
+    """Eager copies that refuse a kind not matching where its two sides live (``device``: the 'device' buffers)."""
+
+    def __init__(self) -> None:
+        super().__init__(eager=True)
+        self.device: list[np.ndarray] = []
+        self.kinds: list[int] = []
+
+    def on_device(self, address: int, nbytes: int) -> bool:
+        return any(data_ptr(a) <= address and address + nbytes <= data_ptr(a) + a.nbytes for a in self.device)
+
+    def copy(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
+        sides = (self.on_device(src, nbytes), self.on_device(dst, nbytes))
+        assert sides == {H2D: (False, True), D2H: (True, False), D2D: (True, True)}[kind], (kind, sides)
+        self.kinds.append(kind)
+        ctypes.memmove(dst, src, nbytes)
+
+
+def device_rows(array: np.ndarray) -> DeviceRows:
+    return DeviceRows(data_ptr(array), tuple(array.shape), array.dtype)  # type: ignore[arg-type]
+
+
+def test_device_and_host_parts_mix_in_one_batch_with_one_copy_each_way(
+    small_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cuda = KindCheckingStreams()
+    session = fake_device_session(small_bundle, monkeypatch, cuda)
+    for slot in session._graphs.values():
+        cuda.device += [slot.input.array, slot.output.array]
+    rng = np.random.default_rng(7)
+    host_in = rng.standard_normal((1, 16, session.dim)).astype(np.float32)
+    client_in = rng.standard_normal((2, 16, session.dim)).astype(np.float32)  # plays a client's CUDA region
+    client_out, host_out = np.full_like(client_in, np.nan), np.full_like(host_in, np.nan)
+    cuda.device += [client_in, client_out]
+    expected = cpu_answers(small_bundle, [host_in, client_in])
+    before = cuda.launches
+    ran = session.run_device_into([host_in, device_rows(client_in)], [host_out, device_rows(client_out)])
+    assert ran == 4 and cuda.launches - before == 1  # 3 rows on bucket 4, one graph run
+    assert cuda.kinds == [H2D, D2D, D2H, D2D]
+    tolerance = TOLERANCE[session.bundle.precision]
+    np.testing.assert_allclose(host_out, expected[0], rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(client_out, expected[1], rtol=tolerance, atol=tolerance)
+
+
+def test_refusals(small_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = fake_device_session(small_bundle, monkeypatch, KindCheckingStreams())
+    dim = session.dim
+    big = DeviceRows(1 << 20, (9, 16, dim), np.dtype(np.float32))  # more rows than the largest bucket (8)
+    with pytest.raises(ValueError, match="at least 9 rows"):
+        session.run_device_into([big], [big])
+    half = DeviceRows(1 << 20, (1, 16, dim), np.dtype(np.float16))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        session.run_device_into([half], [half])
+    rows = DeviceRows(1 << 20, (1, 16, dim), np.dtype(np.float32))
+    with pytest.raises(ValueError, match="outs alike"):
+        session.run_device_into([rows], [DeviceRows(1 << 20, (2, 16, dim), np.dtype(np.float32))])
+    with pytest.raises(ValueError, match="one out per part"):
+        session.run_device_into([rows], [])
