@@ -63,7 +63,7 @@ async def bring_up(state: ServiceState, engine: Engine | None) -> None:
     batcher: Batcher | None = None
     try:
         if engine is None:
-            engine = await asyncio.to_thread(build_engine, state.settings)
+            engine = await asyncio.to_thread(build_engine, state.settings, state.stopping)
         config = batcher_config(state.settings, engine)
         # Behind engine processes this batcher forms worker batches; the engine processes count the real ones.
         local = state.settings.engine_dir is None

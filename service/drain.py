@@ -56,6 +56,8 @@ _SUPERVISE_EVERY_S = 0.5  # uvicorn's period for worker health checks
 _DRAIN_POLL_S = 0.1  # while draining: how soon a second signal or the deadline is acted on
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGBREAK} if hasattr(signal, "SIGBREAK") else set())
 _SERVING = math.inf
+_RESPAWN_BACKOFF_S = 1.0  # before starting again a replacement worker that failed to start; doubles each time
+_RESPAWN_BACKOFF_MAX_S = 30.0
 
 
 def _shared_double(value: float) -> Any:
@@ -66,6 +68,7 @@ def _shared_double(value: float) -> Any:
 
 _drain_listeners: list[Callable[[], None]] = []
 _drain_begun = False
+_this_worker: WorkerServer | None = None  # this worker's server (set in the worker process before the app exists)
 
 
 def _begin_drain_here() -> None:
@@ -83,6 +86,8 @@ def worker_app() -> FastAPI:
     app = app_from_env()
     state = app.state.service
     _drain_listeners.append(state.start_draining)
+    if _this_worker is not None:  # the supervisor's deadline is read on ticks, which begin after the start-up
+        state.told_to_stop = _this_worker.told_to_stop
     if _drain_begun:  # the drain began while the app was being built
         state.start_draining()
     return app
@@ -95,6 +100,10 @@ class WorkerServer(DrainingServer):
         super().__init__(config, on_drain=_begin_drain_here, drain_s=drain_s)
         self._shared_deadline = deadline  # c_double: the supervisor's drain deadline, inf while serving
         self._retire = retire  # c_bool: stop this worker alone, without a drain window
+
+    def told_to_stop(self) -> bool:
+        """The supervisor wants this worker gone (a drain deadline, or retired): readable before it serves."""
+        return bool(self._retire.value) or float(self._shared_deadline.value) != _SERVING
 
     async def on_tick(self, counter: int) -> bool:
         deadline = float(self._shared_deadline.value)
@@ -111,16 +120,28 @@ class WorkerServer(DrainingServer):
 class WorkerProcess(Process):
     """uvicorn's worker process, running a :class:`WorkerServer` (it is pickled to the child at spawn)."""
 
-    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], drain_s: float, deadline: Any) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        sockets: list[socket.socket],
+        drain_s: float,
+        deadline: Any,
+        first_start: bool = False,
+        failed_starts: int = 0,
+    ) -> None:
         self.drain_s = drain_s
         self.deadline = deadline
         self.retire_flag = _SPAWN.RawValue(ctypes.c_bool, False)
+        self.first_start = first_start  # one of the workers the service started with (not a replacement)
+        self.failed_starts = failed_starts  # start-ups failed in a row in this worker's slot before it
+        self.respawn_at: float | None = None  # it failed to start: its replacement is due then (the supervisor's)
         super().__init__(config, sockets)
 
     @property
     def server(self) -> uvicorn.Server:
-        if self._server is None:
-            self._server = WorkerServer(self.config, self.drain_s, self.deadline, self.retire_flag)
+        global _this_worker
+        if self._server is None:  # in the worker process
+            self._server = _this_worker = WorkerServer(self.config, self.drain_s, self.deadline, self.retire_flag)
         return self._server
 
     def retire(self) -> None:
@@ -166,13 +187,13 @@ class DrainingSupervisor(Multiprocess):
     def draining(self) -> bool:
         return bool(self.deadline.value != _SERVING)
 
-    def _spawn(self) -> WorkerProcess:
-        process = WorkerProcess(self.config, self.sockets, self.drain_s, self.deadline)
+    def _spawn(self, first_start: bool = False, failed_starts: int = 0) -> WorkerProcess:
+        process = WorkerProcess(self.config, self.sockets, self.drain_s, self.deadline, first_start, failed_starts)
         process.start()
         return process
 
     def init_processes(self) -> None:
-        self.processes = [self._spawn() for _ in range(self.processes_num)]
+        self.processes = [self._spawn(first_start=True) for _ in range(self.processes_num)]
 
     def run(self) -> None:
         log.info("Started parent process [%d]", os.getpid())
@@ -223,20 +244,40 @@ class DrainingSupervisor(Multiprocess):
             self.processes[idx] = new
 
     def keep_subprocess_alive(self) -> None:
-        """Replace a worker that died or hangs, as uvicorn does (not while draining: see ``run``)."""
+        """Replace a worker that died or hangs, as uvicorn does (not while draining: see ``run``).
+
+        uvicorn stops the service when any worker fails its start-up (exit status STARTUP_FAILURE): it would
+        fail the same way on every restart. That holds for the workers the service starts with (the model, the
+        app, the socket are broken), and stays fatal here. A replacement is different: it starts while the
+        others serve, and can fail for a passing reason (it waits for an engine process that restarts, see
+        RouterEngine, but not forever). Stopping a serving service for that turned one engine restart into an
+        outage, so a replacement that failed to start is started again after a backoff (doubling, bounded),
+        with an error logged each time; the other workers serve meanwhile.
+        """
         for idx, process in enumerate(self.processes):
-            if self.draining or process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+            if self.draining:
+                return
+            worker = _ours(process)
+            if worker.respawn_at is not None:
+                if time.monotonic() >= worker.respawn_at:
+                    self.processes[idx] = self._spawn(failed_starts=worker.failed_starts + 1)
+                continue
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                 continue
             process.kill()  # hung, or gone already
             process.join()
-            if process.exitcode == STARTUP_FAILURE:
-                # It failed before serving (the model, the app, the socket): every restart would fail the same way.
+            if process.exitcode != STARTUP_FAILURE:
+                log.info("worker [%s] died: starting another", process.pid)
+                self.processes[idx] = self._spawn()
+            elif worker.first_start:
                 log.error("worker [%s] failed to start: stopping the service", process.pid)
                 self.startup_failed = True
                 self.should_exit.set()
                 return
-            log.info("worker [%s] died: starting another", process.pid)
-            self.processes[idx] = self._spawn()
+            else:
+                delay = min(_RESPAWN_BACKOFF_MAX_S, _RESPAWN_BACKOFF_S * 2**worker.failed_starts)
+                log.error("replacement worker [%s] failed to start: starting another in %.1f s", process.pid, delay)
+                worker.respawn_at = time.monotonic() + delay
 
     def _stop_workers(self) -> None:
         """Every worker stops at the deadline (now, if nothing drained); wait for them. No SIGTERM: one arriving

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,10 +33,17 @@ class ServiceState:
     oip_stats: ModelStats = field(default_factory=ModelStats)  # the OIP statistics extension (this worker)
     shared_memory: SharedMemory | None = None  # the OIP shared-memory registry, when --shared-memory enables one
     cuda_shared_memory: CudaSharedMemory | None = None  # the CUDA shared-memory registry, with --shared-memory cuda
+    # Whether this process was asked to stop in a way the app does not see while it starts (a worker's
+    # supervisor sets a drain deadline; service/drain.py wires it): a start-up that waits gives up.
+    told_to_stop: Callable[[], bool] = lambda: False
 
     def start_draining(self) -> None:
         """SIGTERM arrived: /readyz turns 503 (requests that still arrive are served)."""
         self.draining = True
+
+    def stopping(self) -> bool:
+        """Draining or told to stop: what a start-up that waits (for an engine process) checks."""
+        return self.draining or self.told_to_stop()
 
     def fatal_error(self) -> str | None:
         """Why this process can never serve again (only a restart helps), if so."""

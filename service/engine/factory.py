@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from service.engine.base import Engine
 from service.settings import Settings
 
 
-def build_engine(settings: Settings) -> Engine:
+def build_engine(settings: Settings, cancelled: Callable[[], bool] | None = None) -> Engine:
     """The engine for ``settings`` (slow for a real bundle: loads and checks it, builds the session).
 
-    A worker with ``engine_dir`` set attaches to the engine processes (one per device) instead of loading the model.
+    A worker with ``engine_dir`` set attaches to the engine processes (one per device) instead of loading the model;
+    if none serves at the moment it waits for one, unless ``cancelled()`` turns true (the process is stopping).
     """
     if settings.engine_dir is not None:
         from service.engine.router import RouterEngine
 
-        return RouterEngine(settings.engine_dir)
+        return RouterEngine(settings.engine_dir, cancelled=cancelled)
     if settings.engine == "fake":
         # Test-only: lets reliability tests count engine calls and inject faults inside a real server process.
         from service.engine.fake import FakeEngine

@@ -15,8 +15,11 @@ goes to another device untouched; a batch it was computing gets :class:`~service
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +34,11 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often the monitor reads the board (one mmap read per device)
 RETRY_S = 1.0  # after a failed attach, wait this long before the next attempt
 CONNECTIONS = 2  # per device: one batch computing while the previous answer travels back
+# A worker starting while no engine process serves waits this long for one: longer than an engine restart
+# normally takes (the backoff, at most 30 s by default, plus its warm-up). Past it the start-up fails, and the
+# worker supervisor starts another worker after a backoff (service/drain.py).
+ATTACH_WAIT_S = 120.0
+WAIT_LOG_EVERY_S = 5.0
 
 
 @dataclass
@@ -54,9 +62,22 @@ class _Device:
 
 
 class RouterEngine:
-    """Attaches at construction to every engine process that is up (at least one must be)."""
+    """Attaches at construction to every engine process that is up; waits (up to ``wait_s``) for one to be.
 
-    def __init__(self, directory: str, connections: int = CONNECTIONS) -> None:
+    A worker can start while no engine process serves: it replaces one that died while the engine restarts,
+    or an engine died during the service's own start. It then waits for an engine process to accept it, saying
+    so every few seconds, instead of failing its start-up (which the worker supervisor would take for a
+    broken service): a restart normally takes the backoff plus a warm-up. ``cancelled`` (checked while
+    waiting) ends the wait early when the process is asked to stop.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        connections: int = CONNECTIONS,
+        wait_s: float = ATTACH_WAIT_S,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
         self.board = EngineBoard(directory)
         self.connections = connections
         self._devices = [
@@ -65,12 +86,12 @@ class RouterEngine:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._stop = threading.Event()
-        for index in range(len(self._devices)):
-            self._attach(index)
-        first = next((d.pool for d in self._devices if d.pool is not None), None)
-        if first is None:
-            self.board.close()
-            raise ConnectionError(f"no engine process in {directory} accepts workers")
+        self._monitor: threading.Thread | None = None
+        try:
+            first = self._attach_first(wait_s, cancelled or (lambda: False))
+        except BaseException:
+            self.close()
+            raise
         self.name, self.dim, self.dtype = first.name, first.dim, first.dtype
         self.max_seq_len, self.buckets, self.provider = first.max_seq_len, first.buckets, first.provider
         self.fixed_shapes = False  # each engine process pads its merged batches itself
@@ -78,6 +99,38 @@ class RouterEngine:
         self._described = first.describe()
         self._monitor = threading.Thread(target=self._watch_board, name="engine-router", daemon=True)
         self._monitor.start()
+
+    def _attach_first(self, wait_s: float, cancelled: Callable[[], bool]) -> RemotePool:
+        """Attach to every engine process that is up, waiting for one if none is; the first pool attached."""
+        started = time.monotonic()
+        said = -math.inf
+        while True:
+            for index, device in enumerate(self._devices):
+                if device.pool is None and time.monotonic() >= device.retry_at:
+                    self._attach(index)
+            first = next((d.pool for d in self._devices if d.pool is not None), None)
+            if first is not None:
+                if said > -math.inf:
+                    waited = time.monotonic() - started
+                    log.warning("worker [%d] waited %.1f s for an engine process", os.getpid(), waited)
+                return first
+            waited = time.monotonic() - started
+            devices = ", ".join(self.board.devices)
+            if cancelled():
+                raise ConnectionError(f"stopped waiting for an engine process (device(s) {devices}): asked to stop")
+            if waited >= wait_s:
+                raise ConnectionError(f"no engine process (device(s) {devices}) accepted this worker in {wait_s:.0f} s")
+            if waited - said >= WAIT_LOG_EVERY_S:
+                said = waited
+                log.warning(
+                    "worker [%d] waiting for an engine process to accept it: device(s) %s restarting; "
+                    "%.0f s so far, at most %.0f s",
+                    os.getpid(),
+                    devices,
+                    waited,
+                    wait_s,
+                )
+            time.sleep(POLL_S)
 
     @property
     def devices(self) -> list[str]:
@@ -250,7 +303,8 @@ class RouterEngine:
 
     def close(self) -> None:
         self._stop.set()
-        self._monitor.join(timeout=5)
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
         with self._lock:
             pools = [d.pool for d in self._devices if d.pool is not None]
             for device in self._devices:

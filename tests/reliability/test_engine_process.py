@@ -213,3 +213,69 @@ def test_sigterm_answers_every_accepted_request_before_the_engine_processes_stop
     assert code in (0, -signal.SIGTERM), log.read_text()[-3000:]
     wait_until(lambda: not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in family), "cleanup")
     assert "exited with status" not in log.read_text()  # stopped on purpose, not died
+
+
+def workers_of(server: subprocess.Popen[bytes]) -> set[int]:
+    """The uvicorn workers (spawned by multiprocessing), not the engine process nor the resource tracker."""
+    pids = set()
+    for child in psutil.Process(server.pid).children():
+        with contextlib.suppress(psutil.Error):  # a killed one may linger as a zombie until it is reaped
+            if "spawn_main" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+    return pids
+
+
+def running(server: subprocess.Popen[bytes], log: Path) -> bool:
+    assert server.poll() is None, f"the service stopped ({server.returncode}):\n{log.read_text()[-3000:]}"
+    return True
+
+
+def test_a_worker_replaced_while_the_engine_restarts_waits_for_it_and_the_service_serves_on(tmp_path: Path) -> None:
+    """The sequence that once stopped the whole service: a worker dies while no engine process serves (here: it
+    is killed while the engine waits out its restart backoff); its replacement cannot attach yet. It must wait
+    for the engine, not fail its start-up and take the service down."""
+    log = tmp_path / "server.log"
+    with service(log, *FLAGS, "--engine-restart-backoff-s", "6") as (url, server):
+        assert post(url, sample(1)).status_code == 200
+        first = workers_of(server)
+        assert len(first) == 2
+        engine_process(server).kill()
+        wait_until(lambda: "exited with status -9" in log.read_text(), "the engine's death to be noticed")
+        victim = min(first)
+        psutil.Process(victim).kill()
+        wait_until(lambda: len(workers_of(server) - first) == 1, "the replacement worker")
+        (replacement,) = workers_of(server) - first
+        # It starts while the engine is still down (6 s backoff), says that it waits, and does not fail.
+        waiting = f"[{replacement}] waiting for an engine process"
+        wait_until(lambda: running(server, log) and waiting in log.read_text(), "it to wait", 20)
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 503  # the engine is still down
+        wait_until(lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 200, "the restarted engine", 60)
+        started = f"Started server process [{replacement}]"
+        wait_until(lambda: log.read_text().count("Application startup complete") == 3, "the replacement's start")
+        assert server.poll() is None, log.read_text()[-3000:]
+        assert workers_of(server) == first - {victim} | {replacement}
+        xs = [sample(200 + i) for i in range(8)]
+        answers = [post(url, x) for x in xs]
+    for x, response in zip(xs, answers, strict=True):
+        assert response.status_code == 200, response.text
+        assert_answer(x, response.content)
+    text = log.read_text()
+    assert started in text and "failed to start" not in text, text[-3000:]
+
+
+def test_sigterm_stops_a_worker_that_waits_for_the_engine_at_once(tmp_path: Path) -> None:
+    """A worker waiting for an engine process (which waits out a long backoff) must not hold up the shutdown."""
+    log = tmp_path / "server.log"
+    with service(log, *FLAGS, "--engine-restart-backoff-s", "60") as (_, server):
+        first = workers_of(server)
+        engine_process(server).kill()
+        wait_until(lambda: "exited with status -9" in log.read_text(), "the engine's death to be noticed")
+        psutil.Process(min(first)).kill()
+        wait_until(lambda: running(server, log) and "waiting for an engine process" in log.read_text(), "a wait", 30)
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(EXIT_WITHIN_S)
+        took = time.monotonic() - signalled
+    assert code == 0, log.read_text()[-3000:]
+    assert took < 15, took  # not the worker's wait (minutes) nor the engine's backoff
+    assert "asked to stop" in log.read_text()

@@ -10,9 +10,11 @@ import math
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from service import drain
 
@@ -95,6 +97,22 @@ def test_the_app_of_a_worker_follows_its_drain(drained: list[str], monkeypatch: 
     assert late.state.service.draining
 
 
+def test_a_worker_that_is_starting_sees_the_supervisors_deadline_and_retirement(
+    drained: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before it serves a worker has no ticks, yet a start-up that waits (for an engine process) must end."""
+    monkeypatch.setenv("ENCODER_ENGINE", "fake")
+    server, shared, retire = worker()
+    monkeypatch.setattr(drain, "_this_worker", server)
+    state = drain.worker_app().state.service
+    assert not state.stopping()
+    shared.value = time.monotonic() + 30
+    assert state.stopping() and not state.draining  # the app is told; its own drain begins on the first tick
+    shared.value = math.inf
+    retire.value = True
+    assert state.stopping()
+
+
 @pytest.fixture
 def supervisor() -> Iterator[drain.DrainingSupervisor]:
     handlers = {sig: signal.getsignal(sig) for sig in drain.SIGNALS}
@@ -123,3 +141,79 @@ def test_the_supervisor_starts_draining_in_its_signal_handler_and_a_second_signa
 def test_other_signals_keep_uvicorns_queue(supervisor: drain.DrainingSupervisor) -> None:
     supervisor._on_signal(signal.SIGHUP, None)
     assert supervisor.signal_queue == [signal.SIGHUP] and not supervisor.draining
+
+
+class Ended:
+    """The multiprocessing process of a worker that has ended with ``exitcode``."""
+
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode, self.pid = exitcode, 4242
+
+    def is_alive(self) -> bool:
+        return False
+
+    def kill(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+def ended(supervisor: drain.DrainingSupervisor, exitcode: int, **kwargs: Any) -> drain.WorkerProcess:
+    worker = drain.WorkerProcess(supervisor.config, [], supervisor.drain_s, supervisor.deadline, **kwargs)
+    worker.process = Ended(exitcode)  # type: ignore[assignment]
+    return worker
+
+
+@pytest.fixture
+def spawned(supervisor: drain.DrainingSupervisor, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The workers the supervisor starts (not started: recorded), each as the keyword arguments it got."""
+    calls: list[dict[str, Any]] = []
+
+    def spawn(first_start: bool = False, failed_starts: int = 0) -> drain.WorkerProcess:
+        calls.append({"first_start": first_start, "failed_starts": failed_starts})
+        return ended(supervisor, 0, first_start=first_start, failed_starts=failed_starts)
+
+    monkeypatch.setattr(supervisor, "_spawn", spawn)
+    return calls
+
+
+def test_a_worker_of_the_first_start_that_fails_to_start_stops_the_service(
+    supervisor: drain.DrainingSupervisor, spawned: list[dict[str, Any]]
+) -> None:
+    supervisor.processes = [ended(supervisor, STARTUP_FAILURE, first_start=True)]
+    supervisor.keep_subprocess_alive()
+    assert supervisor.startup_failed and supervisor.should_exit.is_set()
+    assert spawned == []
+
+
+def test_a_replacement_that_fails_to_start_is_started_again_after_a_doubling_backoff(
+    supervisor: drain.DrainingSupervisor, spawned: list[dict[str, Any]]
+) -> None:
+    """The service serves on with its other workers: one engine restart must not become an outage."""
+    supervisor.processes = [ended(supervisor, STARTUP_FAILURE)]
+    delays = []
+    for failed in range(8):
+        before = time.monotonic()
+        supervisor.keep_subprocess_alive()  # it failed: its replacement is due after a backoff, not now
+        assert not supervisor.should_exit.is_set() and len(spawned) == failed
+        worker = drain._ours(supervisor.processes[0])
+        assert worker.respawn_at is not None
+        delays.append(round(worker.respawn_at - before))
+        supervisor.keep_subprocess_alive()
+        assert len(spawned) == failed  # still waiting
+        worker.respawn_at = time.monotonic()  # the backoff is over
+        supervisor.keep_subprocess_alive()
+        assert spawned[-1] == {"first_start": False, "failed_starts": failed + 1}
+        supervisor.processes[0].process = Ended(STARTUP_FAILURE)  # and it fails to start too
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert not supervisor.startup_failed
+
+
+def test_a_worker_that_died_serving_is_replaced_at_once(
+    supervisor: drain.DrainingSupervisor, spawned: list[dict[str, Any]]
+) -> None:
+    supervisor.processes = [ended(supervisor, -9, first_start=True, failed_starts=3)]
+    supervisor.keep_subprocess_alive()
+    assert spawned == [{"first_start": False, "failed_starts": 0}]
+    assert not supervisor.should_exit.is_set()

@@ -4,15 +4,18 @@ routing, and an engine process that dies costing only the batches it held."""
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
 from service.engine.base import EngineLost
-from service.engine.board import Slot
+from service.engine.board import EngineBoard, Slot
 from service.engine.devices import Device
 from service.engine.fake import FATAL, fake_output
 from service.engine.router import RouterEngine
@@ -153,3 +156,35 @@ def test_describe_lists_the_devices() -> None:
         ]
         assert described["engine_process"]["directory"] == supervisor.directory
         assert described["engine_process"]["connections"] == 2
+
+
+@pytest.mark.usefixtures("fake_env")
+def test_a_router_made_while_no_engine_serves_waits_for_one_then_serves() -> None:
+    """A worker that starts while the engine restarts (it replaces one that died meanwhile) waits for it."""
+    with supervised(DEVICES[:1], POLICY) as supervisor, ThreadPoolExecutor(1) as pool:
+        up = supervisor.board.read(0)
+        supervisor.board.write(0, Slot(False, up.generation, up.restarts))  # as while it restarts
+        made = pool.submit(RouterEngine, supervisor.directory)
+        time.sleep(1.0)
+        assert not made.done()  # waiting, not failed
+        supervisor.board.write(0, Slot(True, up.generation + 1, up.restarts))
+        router = made.result(timeout=30)
+        try:
+            check(sample(1), router.run(sample(1)))
+            assert router.device_status()[0].up
+        finally:
+            router.close()
+
+
+def test_a_router_waits_for_an_engine_at_most_its_bound_and_stops_waiting_when_told(tmp_path: Path) -> None:
+    EngineBoard.create(str(tmp_path), ["cpu0"]).close()  # a board with its one device down, nothing listening
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"no engine process \(device\(s\) cpu0\) accepted this worker"):
+        RouterEngine(str(tmp_path), wait_s=0.5)
+    assert 0.5 <= time.monotonic() - started < 10
+    told = threading.Event()
+    threading.Timer(0.3, told.set).start()
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="asked to stop"):
+        RouterEngine(str(tmp_path), cancelled=told.is_set)  # the default bound is minutes: it ends at the request
+    assert time.monotonic() - started < 10
