@@ -17,6 +17,7 @@ import numpy as np
 from service.batching.batcher import Batcher, BatchResult
 from service.batching.errors import Overloaded
 from service.engine.base import Engine
+from service.engine.direct import DirectJob
 from service.errors import InvalidInput
 from service.state import ServiceState
 
@@ -74,6 +75,13 @@ async def infer(engine: Engine, batcher: Batcher, array: np.ndarray, deadline: f
     """
     batch = await off_loop_if_large(array.nbytes, model_input, array, engine)
     return await batcher.submit(batch, deadline)
+
+
+async def infer_placed(engine: Engine, batcher: Batcher, job: DirectJob, deadline: float) -> BatchResult:
+    """:func:`infer` for a job whose input and output lie in client shared memory in the engine's dtype: the same
+    checks on the input where it lies (no copy, no cast), batched as it is; the answer is written to its output."""
+    await off_loop_if_large(job.source.array.nbytes, model_input, job.source.array, engine)
+    return await batcher.submit(job, deadline)
 
 
 def model_input(array: np.ndarray, engine: Engine) -> np.ndarray:

@@ -38,6 +38,7 @@ P = ParamSpec("P")
 OUTCOMES = ("ok", "invalid", "overloaded", "timeout", "cancelled", "error", "unavailable")
 DROP_REASONS = ("cancelled", "timeout")
 UNREAD_BODY_RESULTS = ("drained", "limit", "disconnected")  # service.api.early.RESULTS
+SHM_PATHS = ("direct", "copied")  # service.engine.direct: DIRECT, COPIED
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = tuple(float(1 << i) for i in range(13))  # 1 .. 4096, powers of two
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -153,18 +154,30 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.shm_requests = Counter(
+            "encoder_shm_requests",
+            "requests served with shared memory, by path: direct (the engine process read and wrote the client's "
+            "regions itself) or copied (through this worker's batch and the engine's arena)",
+            ["path"],
+            registry=r,
+        )
         # Labelled children looked up once: labels() costs a lock and a dict lookup on every request.
         self._requests_by_outcome = {outcome: self.requests.labels(outcome=outcome) for outcome in OUTCOMES}
         for reason in DROP_REASONS:
             self.dropped.labels(reason=reason)
         for result in UNREAD_BODY_RESULTS:
             self.unread_bodies.labels(result=result)
+        self._shm_by_path = {path: self.shm_requests.labels(path=path) for path in SHM_PATHS}
 
     @never_raises
     def observe_request(self, outcome: str, seconds: float) -> None:
         counter = self._requests_by_outcome.get(outcome) or self.requests.labels(outcome=outcome)
         counter.inc()
         self.request_latency.observe(seconds)
+
+    @never_raises
+    def observe_shm_request(self, path: str) -> None:
+        self._shm_by_path[path].inc()
 
     @never_raises
     def observe_unread_body(self, result: str) -> None:

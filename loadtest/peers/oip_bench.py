@@ -31,7 +31,7 @@ from loadtest.peers.oip_clients import (
     oip_client_main,
     reference_outputs,
 )
-from loadtest.peers.scrape import Samples, batch_sizes, scrape, time_breakdown
+from loadtest.peers.scrape import Samples, batch_sizes, scrape, shm_paths, time_breakdown
 from loadtest.peers.triton.server import READY_PATH as TRITON_READY
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,8 @@ def oip_points(
                 head = {"server": entry, "format": label(protocol, batch), "protocol": protocol, "client_batch": batch}
                 points.append(head | point)
                 log.info("  %.0f samples/s, %d errors", point["samples_per_s"], point["errors"])
+                if "shm_paths" in point:
+                    log.info("  shared-memory requests by path: %s", point["shm_paths"])
     return points
 
 
@@ -226,7 +228,9 @@ def server_stats(entry: str, before: Samples, after: Samples, wall_s: float) -> 
     if entry == "triton":
         return {"triton": triton_stats(before, after, wall_s)}
     busy = service_busy(before, after, wall_s)
-    return {"server_batches": batch_sizes(before, after), "server_time": time_breakdown(before, after) | busy}
+    stats = {"server_batches": batch_sizes(before, after), "server_time": time_breakdown(before, after) | busy}
+    paths = shm_paths(before, after)
+    return stats | ({"shm_paths": paths} if any(paths.values()) else {})
 
 
 def label(protocol: str, batch: int) -> str:

@@ -63,6 +63,12 @@ def histogram_delta(before: Samples, after: Samples, metric: str) -> dict[str, A
     return {"buckets": counts, "count": round(count), "sum": total, "mean": total / count if count else None}
 
 
+def shm_paths(before: Samples, after: Samples) -> dict[str, float]:
+    """Shared-memory requests between two scrapes by the path that served them (direct / copied)."""
+    name = "encoder_shm_requests_total"
+    return {path: _value(after, name, path=path) - _value(before, name, path=path) for path in ("direct", "copied")}
+
+
 def batch_sizes(before: Samples, after: Samples) -> dict[str, Any]:
     """The engine batches the server formed: counts per power-of-two bucket ('<= le'), mean batch size."""
     hist = histogram_delta(before, after, "encoder_batch_size")

@@ -12,29 +12,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFailed, Overloaded
 from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
-from service.batching.queue import Done, Item, PendingQueue, Ticket
+from service.batching.queue import Done, Item, PendingQueue, Placed, Ticket
+from service.batching.running import (
+    BatchEngine,
+    pad_size,
+    run_batch,
+    run_batch_timed,
+    run_placed_timed,
+    run_split_timed,
+)
 from service.engine.base import EngineGone, EngineLost, EngineUnrecoverable
 
+__all__ = ["BatchEngine", "BatchResult", "Batcher", "BatcherConfig", "pad_size", "run_batch", "run_batch_timed"]
+
 log = logging.getLogger(__name__)
-
-
-class BatchEngine(Protocol):
-    """What the batcher needs from an engine."""
-
-    def run(self, x: np.ndarray) -> np.ndarray: ...
-
-    def input_buffer(self, batch: int, seq: int) -> np.ndarray: ...
-
-    def warmup(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -63,50 +61,6 @@ class BatchResult:
     output: np.ndarray
     queue_s: float
     compute_s: float
-
-
-def pad_size(samples: int, buckets: Sequence[int] | None) -> int:
-    """Smallest bucket holding ``samples`` (or ``samples`` itself without buckets)."""
-    if not buckets:
-        return samples
-    return next(b for b in sorted(buckets) if b >= samples)
-
-
-def run_batch(engine: BatchEngine, inputs: list[np.ndarray], padded: int) -> tuple[np.ndarray, float]:
-    """Stack, pad, run, check: executed on the engine thread so the event loop stays free; (answer, seconds)."""
-    out, compute_s, _ = run_batch_timed(engine, inputs, padded)
-    return out, compute_s
-
-
-def run_batch_timed(engine: BatchEngine, inputs: list[np.ndarray], padded: int) -> tuple[np.ndarray, float, float]:
-    """:func:`run_batch`, its time split in two: (answer, compute seconds, seconds spent elsewhere).
-
-    An engine in another process (``run_timed``) says how long it computed; the rest of the call (the hop, its
-    queue there) is queue time for the request, so ``x-inference-time`` is compute in every layout.
-    """
-    samples = sum(int(part.shape[0]) for part in inputs)
-    if len(inputs) == 1 and padded == samples:
-        x = inputs[0]
-    else:
-        # One array of the padded size, filled in place: concatenating and then padding copied every sample twice.
-        # The engine hands it out, so on the GPU it is already pinned memory and needs no staging copy.
-        x = engine.input_buffer(padded, int(inputs[0].shape[1]))
-        offset = 0
-        for part in inputs:
-            np.copyto(x[offset : offset + part.shape[0]], part)
-            offset += part.shape[0]
-        x[samples:] = 0
-    start = time.perf_counter()
-    run_timed = getattr(engine, "run_timed", None)
-    if run_timed is None:
-        out = engine.run(x)
-        compute_s = elapsed = time.perf_counter() - start
-    else:
-        out, compute_s = run_timed(x)
-        elapsed = time.perf_counter() - start
-    if out.shape[:2] != x.shape[:2]:
-        raise RuntimeError(f"engine returned shape {out.shape} for input {x.shape}")
-    return out[:samples], compute_s, max(0.0, elapsed - compute_s)
 
 
 class Batcher:
@@ -177,8 +131,9 @@ class Batcher:
         while (self._queue or self._computing) and self.alive:
             await asyncio.sleep(0.01)
 
-    async def submit(self, x: np.ndarray, deadline: float | None = None) -> BatchResult:
-        """Compute ``x`` (B, S, D), split into chunks of at most ``max_batch_size`` samples.
+    async def submit(self, x: np.ndarray | Placed, deadline: float | None = None) -> BatchResult:
+        """Compute ``x`` (B, S, D), split into chunks of at most ``max_batch_size`` samples. A :class:`Placed` ``x``
+        is answered in its ``output`` (the engine must have ``run_placed``).
 
         ``deadline`` is a ``time.monotonic()`` instant: if it passes before a chunk is computed, the request
         ends with :class:`DeadlineExceeded` and its other queued chunks are withdrawn.
@@ -198,10 +153,13 @@ class Batcher:
             raise
         finally:
             self._cancel_unfinished(items)
-        output = done[0].output if len(done) == 1 else np.concatenate([d.output for d in done], axis=0)
+        if not isinstance(x, np.ndarray):
+            output = x.output  # its chunks' answers lie there already, in order
+        else:
+            output = done[0].output if len(done) == 1 else np.concatenate([d.output for d in done], axis=0)
         return BatchResult(output, max(d.queue_s for d in done), sum(d.compute_s for d in done))
 
-    def _enqueue(self, x: np.ndarray, deadline: float | None) -> list[Item]:
+    def _enqueue(self, x: np.ndarray | Placed, deadline: float | None) -> list[Item]:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         step = self.config.max_batch_size
@@ -278,6 +236,9 @@ class Batcher:
                 task = asyncio.get_running_loop().create_task(self._compute_in_flight(batch))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
+                # Not held here until the next batch: an input may hold a shared-memory region that is unmapped
+                # only when its last request is done (and the task holds the batch while it computes).
+                del batch, task
         except asyncio.CancelledError:
             if self._broken is None:
                 raise
@@ -338,11 +299,16 @@ class Batcher:
 
     async def _compute(self, batch: list[Item]) -> None:
         samples = sum(item.samples for item in batch)
-        padded = pad_size(samples, self.config.pad_buckets)
         started = time.monotonic()
         waits = tuple(started - item.enqueued for item in batch)
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._executor, run_batch_timed, self._engine, [item.x for item in batch], padded)
+        inputs = [item.x for item in batch]
+        padded = samples
+        if all(isinstance(x, np.ndarray) for x in inputs):
+            padded = pad_size(samples, self.config.pad_buckets)
+            call = loop.run_in_executor(self._executor, run_split_timed, self._engine, inputs, padded)
+        else:
+            call = loop.run_in_executor(self._executor, run_placed_timed, self._engine, inputs)
         self._computing += 1
         try:
             out, compute_s, away_s = await call
@@ -363,11 +329,9 @@ class Batcher:
         finally:
             self._computing -= 1
         self._observer.on_batch(BatchStats(samples, padded, batch[0].seq_len, compute_s, waits))
-        offset = 0
-        for item, wait in zip(batch, waits, strict=True):
+        for item, wait, answer in zip(batch, waits, out, strict=True):
             if not item.future.done():
-                item.future.set_result(Done(out[offset : offset + item.samples], wait + away_s, compute_s))
-            offset += item.samples
+                item.future.set_result(Done(answer, wait + away_s, compute_s))
 
     @staticmethod
     def _fail(items: list[Item], error: type[Exception], message: str) -> None:

@@ -6,8 +6,23 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+
+
+class Placed(Protocol):
+    """A request's input that already lies where the engine reads it, naming where its answer goes (e.g. a client's
+    shared memory). Opaque to the batcher: it counts its rows (``shape``: (B, S, ...)), cuts it into chunks of rows,
+    batches it like any other and hands it to the engine's ``run_placed``; ``output`` is where the answer lands."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def output(self) -> np.ndarray: ...
+
+    def __getitem__(self, rows: slice) -> Placed: ...
 
 
 @dataclass(eq=False)
@@ -31,7 +46,7 @@ class Done:
 class Item:
     """One chunk of a request: at most ``max_batch_size`` samples, all of one sequence length."""
 
-    x: np.ndarray
+    x: np.ndarray | Placed
     future: asyncio.Future[Done]
     ticket: Ticket
     enqueued: float

@@ -19,15 +19,16 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from service.engine.base import EngineGone, EngineLost, EngineUnreached, EngineUnrecoverable
 from service.engine.board import EngineBoard
 from service.engine.devices import DeviceStatus
+from service.engine.direct import DirectJob
 from service.engine.remote import RemotePool
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ CONNECTIONS = 2  # per device: one batch computing while the previous answer tra
 # worker supervisor starts another worker after a backoff (service/drain.py).
 ATTACH_WAIT_S = 120.0
 WAIT_LOG_EVERY_S = 5.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -187,7 +189,15 @@ class RouterEngine:
 
     def run_timed(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         """The answer and the engine process's compute seconds (see :meth:`RemoteEngine.run_timed`)."""
-        samples = int(x.shape[0]) if x.ndim else 0
+        return self._routed(int(x.shape[0]) if x.ndim else 0, lambda pool: pool.run_timed(x))
+
+    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray], float]:
+        """Answers and compute seconds of a batch holding direct shared-memory jobs (see
+        :meth:`RemoteEngine.run_placed`); the chosen device's engine process maps each region at its first use."""
+        return self._routed(sum(int(p.shape[0]) for p in parts), lambda pool: pool.run_placed(parts))
+
+    def _routed(self, samples: int, call: Callable[[RemotePool], T]) -> T:
+        """``call`` on the least-loaded device's pool; another device when the batch never reached this one."""
         reserved = self._release_reservation()
         tried: set[int] = set()
         while True:
@@ -207,7 +217,7 @@ class RouterEngine:
                 assert pool is not None
                 device.running += 1
             try:
-                return pool.run_timed(x)
+                return call(pool)
             except EngineUnreached as exc:  # it never saw the batch: the input is intact, another device can
                 self._mark_down(index, pool, exc)
                 tried.add(index)

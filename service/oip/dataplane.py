@@ -8,6 +8,11 @@ model, 400 for a request the protocol does not allow, 422 for values the model c
 
 Answers come in the input's datatype, as ``/encode`` answers in the request's dtype: FP32 in, FP32 out, whatever
 precision the engine computes in.
+
+System shared memory: a request whose input and output both lie in registered regions, in the engine's precision,
+is computed straight from and into the regions when engine processes serve (the direct path: no copy in this
+process, :mod:`service.engine.direct`); any other shared-memory request is copied into the engine's batch and its
+answer into the output region. ``encoder_shm_requests_total{path}`` counts which path served.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service import dataplane
+from service.engine.direct import COPIED, Span, direct_job
 from service.errors import BadRequest, Conflict, InvalidInput, NotFound
 from service.oip.types import (
     DATATYPES,
@@ -180,30 +186,40 @@ async def _infer(
     with contextlib.ExitStack() as leases:
         # CUDA regions (named like system ones): each is held from here until its answer is written.
         cuda_in = cuda_lease(state, tensor.shm, DATATYPES[tensor.datatype], tensor.shape, leases)
+        source: np.ndarray | Span
         if cuda_in is not None:
             if tensor.data is not None:
                 raise BadRequest(f"input {tensor.name!r} has both data and a shared-memory region")
-            array = await asyncio.to_thread(cuda_in.read, DATATYPES[tensor.datatype], check_shape(tensor.shape))
+            source = await asyncio.to_thread(cuda_in.read, DATATYPES[tensor.datatype], check_shape(tensor.shape))
         else:
-            array = input_array(tensor, system_regions(state, shm))
-        # An output region is resolved before computing: a bad one costs no engine time, and the view holds the
-        # mapping, so unregistering the region while this request computes cannot take its destination away.
+            source = input_source(tensor, system_regions(state, shm))
+        array = source.array if isinstance(source, Span) else source
+        # An output region is resolved before computing: a bad one costs no engine time, and the view (and the
+        # span's region) holds the mapping, so unregistering the region while this request computes cannot take
+        # its destination away.
         cuda_out = cuda_lease(state, wanted.shm, array.dtype, array.shape, leases)
         target = None
         if wanted.shm is not None and cuda_out is None:
-            target = _shm(system_regions(state, shm)).output_array(wanted.shm, array.dtype, array.shape)
+            target = _shm(system_regions(state, shm)).output_span(wanted.shm, array.dtype, array.shape)
         deadline = request_deadline(deadline, request.timeout_ms, arrived)
-        result = await dataplane.infer(engine, batcher, array, deadline)
+        job = direct_job(engine, source, target) if isinstance(source, Span) and target is not None else None
+        if job is not None:  # both in system shared memory, in the engine's dtype: computed where they lie
+            result = await dataplane.infer_placed(engine, batcher, job, deadline)
+        else:
+            result = await dataplane.infer(engine, batcher, array, deadline)
         output = result.output if array.ndim == 3 else result.output[0]
         out = OutputTensor(name=OUTPUT, datatype=tensor.datatype, shape=tuple(output.shape), binary=wanted.binary)
         if cuda_out is not None:
             await asyncio.to_thread(cuda_out.write, output.astype(array.dtype, copy=False))
             out.shm = wanted.shm
         elif target is not None:
-            np.copyto(target, output, casting="same_kind")  # the answer has the input's shape; one pass, cast included
+            if job is None:  # the answer has the input's shape; one pass, cast included
+                np.copyto(target.array, output, casting="same_kind")
             out.shm = wanted.shm
         else:
             out.data = output.astype(array.dtype, copy=False)
+    if tensor.shm is not None or wanted.shm is not None:
+        state.metrics.observe_shm_request(COPIED if job is None else job.served.path)
     return InferResponse(
         model=request.model,
         version=MODEL_VERSION,
@@ -242,12 +258,18 @@ def requested_output(request: InferRequest) -> RequestedOutput:
 
 def input_array(tensor: InputTensor, shm: SharedMemory | None) -> np.ndarray:
     """The input's values in its datatype and declared shape, from ``data`` or from a shared-memory region."""
+    source = input_source(tensor, shm)
+    return source.array if isinstance(source, Span) else source
+
+
+def input_source(tensor: InputTensor, shm: SharedMemory | None) -> np.ndarray | Span:
+    """:func:`input_array`, as a :class:`Span` (the view and where it lies) when it is in a shared-memory region."""
     shape = check_shape(tensor.shape)
     dtype = DATATYPES[tensor.datatype]
     if tensor.shm is not None:
         if tensor.data is not None:
             raise BadRequest(f"input {tensor.name!r} has both data and a shared-memory region")
-        return _shm(shm).input_array(tensor.shm, dtype, shape)
+        return _shm(shm).input_span(tensor.shm, dtype, shape)
     if tensor.data is None:
         raise BadRequest(f"input {tensor.name!r} has no data")
     data = tensor.data
@@ -299,7 +321,11 @@ class _NoSystemRegions:
     def input_array(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
         raise NotFound(f"no shared-memory region {ref.region!r} is registered")
 
+    def input_span(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Span:
+        raise NotFound(f"no shared-memory region {ref.region!r} is registered")
+
     output_array = input_array
+    output_span = input_span
 
 
 def register_system_region(

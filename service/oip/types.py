@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.engine.direct import Span
+
 # OIP datatype names <-> numpy. The encoder takes and gives floating point only; the others are named so an
 # input of another type gets a clear "unsupported datatype" rather than "unknown datatype".
 DATATYPES: dict[str, np.dtype[Any]] = {"FP16": np.dtype("<f2"), "FP32": np.dtype("<f4")}
@@ -104,4 +106,12 @@ class SharedMemory(Protocol):
 
     def output_array(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
         """A writable view where the output's values go."""
+        ...
+
+    def input_span(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Span:
+        """:meth:`input_array` with its region and offset, for an engine that reads the region itself."""
+        ...
+
+    def output_span(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Span:
+        """:meth:`output_array` with its region and offset, for an engine that writes the region itself."""
         ...

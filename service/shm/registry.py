@@ -8,7 +8,9 @@ object was not truncated under the mapping, which would turn a read into SIGBUS)
 
 Lifetimes: views are numpy arrays over the mapping and hold it; unregistering only drops the registry's
 reference, so a request still using the region finishes with it, and the mapping (and the descriptor the
-mapping holds) goes when the last view does. ``mmap.close`` is never called.
+mapping holds) goes when the last view does. ``mmap.close`` is never called. Each mapped region also keeps a
+descriptor of the object while it lives, which engine processes receive to map the region themselves (the
+direct path: :mod:`service.engine.regions`); a request on that path holds the region object itself.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from service.engine.direct import Span
 from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound
 from service.oip.types import SharedMemoryRef
 from service.shm.objects import DEV_SHM, open_object
@@ -37,9 +41,12 @@ SWEEP_S = 1.0  # how often a worker drops mappings of regions unregistered throu
 
 
 class MappedRegion:
-    """One registered region mapped in this process (read-write, shared with the client)."""
+    """One registered region mapped in this process (read-write, shared with the client).
 
-    __slots__ = ("end", "mapping", "raw", "record", "start")
+    A :class:`service.engine.direct.HostRegion`: ``fd`` (a duplicate of the object's descriptor, closed when
+    this object is garbage), ``offset`` and ``byte_size`` let an engine process map the very same bytes."""
+
+    __slots__ = ("__weakref__", "end", "fd", "mapping", "raw", "record", "start")
 
     def __init__(self, raw: str, record: Record, fd: int) -> None:
         base = record.offset - record.offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
@@ -51,6 +58,16 @@ class MappedRegion:
             self.mapping = mmap.mmap(fd, self.start + record.byte_size, offset=base)
         except OSError as exc:
             raise InvalidInput(f"cannot map shared-memory region {record.name!r}: {exc.strerror}") from None
+        self.fd = os.dup(fd)
+        weakref.finalize(self, os.close, self.fd)
+
+    @property
+    def offset(self) -> int:
+        return self.record.offset
+
+    @property
+    def byte_size(self) -> int:
+        return self.record.byte_size
 
     def array(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...], writable: bool) -> np.ndarray:
         """The bytes of ``ref`` as ``shape`` x ``dtype``; the array holds the mapping."""
@@ -158,10 +175,18 @@ class SystemSharedMemory:
     # -- the data plane's views -------------------------------------------------------------------------------
 
     def input_array(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
-        return self._region(ref, dtype, shape).array(ref, dtype, shape, writable=False)
+        return self.input_span(ref, dtype, shape).array
 
     def output_array(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
-        return self._region(ref, dtype, shape).array(ref, dtype, shape, writable=True)
+        return self.output_span(ref, dtype, shape).array
+
+    def input_span(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Span:
+        region = self._region(ref, dtype, shape)
+        return Span(region.array(ref, dtype, shape, writable=False), region, ref.offset)
+
+    def output_span(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Span:
+        region = self._region(ref, dtype, shape)
+        return Span(region.array(ref, dtype, shape, writable=True), region, ref.offset)
 
     def _region(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> MappedRegion:
         _check_ref(ref, dtype, shape)

@@ -6,19 +6,21 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 
 from service.batching.errors import DeadlineExceeded, EngineFailed
+from service.engine.direct import DirectJob, Span
 from service.engine.fake import POISON, FakeEngine, fake_output
 from service.errors import BadRequest, InvalidInput, NotFound
 from service.oip import dataplane as oip
 from service.oip.types import InferRequest, InputTensor, RequestedOutput, SharedMemoryRef
 from service.state import ServiceState
-from tests.service.support import serving, settings
+from tests.service.support import metric, serving, settings
 
 pytestmark = pytest.mark.anyio
 DIM = 8
@@ -182,6 +184,41 @@ class FakeRegions:
     def output_array(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
         return self._view(ref, dtype, shape)
 
+    def input_span(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Span:
+        return Span(self.input_array(ref, dtype, shape), FakeRegion(ref.region), ref.offset)
+
+    def output_span(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Span:
+        return Span(self.output_array(ref, dtype, shape), FakeRegion(ref.region), ref.offset)
+
+
+@dataclass(frozen=True)
+class FakeRegion:
+    """Where a span lies, as far as these tests need (no engine process maps it)."""
+
+    name: str
+    fd: int = -1
+    offset: int = 0
+    byte_size: int = 0
+
+
+class PlacingEngine(FakeEngine):
+    """An engine that computes direct jobs where they lie (as engine processes do), recording what it got."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.placed: list[list[str]] = []
+
+    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray], float]:
+        self.placed.append([type(p).__name__ for p in parts])
+        answers = []
+        for part in parts:
+            if isinstance(part, DirectJob):
+                part.output[...] = self.run(part.source.array)
+                answers.append(part.output)
+            else:
+                answers.append(self.run(part))
+        return answers, 0.0
+
 
 async def test_shared_memory_inputs_and_outputs_go_through_the_registry() -> None:
     x = sample(5, 2, 3, DIM)
@@ -199,6 +236,44 @@ async def test_shared_memory_inputs_and_outputs_go_through_the_registry() -> Non
     assert out.shm == out_ref and out.data is None and out.shape == x.shape
     written = np.frombuffer(bytes(regions.regions["outputs"][128 : 128 + x.nbytes]), np.float32).reshape(x.shape)
     np.testing.assert_allclose(written, expected(x), rtol=1e-6)
+
+
+def shm_request(x: np.ndarray, datatype: str, out_at: int | None) -> InferRequest:
+    tensor = InputTensor("input", datatype, x.shape, shm=SharedMemoryRef("inputs", 64, x.nbytes))
+    if out_at is None:
+        return InferRequest(model="encoder", inputs=[tensor])
+    out_ref = SharedMemoryRef("outputs", out_at, x.nbytes)
+    return InferRequest(model="encoder", inputs=[tensor], outputs=[RequestedOutput("output", shm=out_ref)])
+
+
+async def test_shared_memory_in_and_out_in_the_engines_dtype_goes_to_the_engine_as_a_direct_job() -> None:
+    engine = PlacingEngine()
+    x = sample(6, 3, 4, DIM)
+    regions = FakeRegions(inputs=4096, outputs=4096)
+    inputs = regions.regions["inputs"]
+    async with running(engine) as state:
+        inputs[64 : 64 + x.nbytes] = x.tobytes()
+        await answer(state, shm_request(x, "FP32", 256), regions)
+        half = x.astype(np.float16)
+        inputs[64 : 64 + half.nbytes] = half.tobytes()
+        await answer(state, shm_request(half, "FP16", 256), regions)  # a cast: copied
+        inputs[64 : 64 + x.nbytes] = x.tobytes()
+        await answer(state, shm_request(x, "FP32", None), regions)  # the answer in the body: copied
+        direct = await answer(state, shm_request(x[0], "FP32", 512), regions)  # (S, D): one sample, direct
+        with pytest.raises(InvalidInput):
+            bad = x.copy()
+            bad[0, 0, 0] = np.nan
+            regions.regions["inputs"][64 : 64 + x.nbytes] = bad.tobytes()
+            await answer(state, shm_request(x, "FP32", 256), regions)  # checked where it lies, as any input
+        page = state.metrics.render().decode()
+    assert direct.outputs[0].shape == x[0].shape
+    written = np.frombuffer(bytes(regions.regions["outputs"][512 : 512 + x[0].nbytes]), np.float32)
+    np.testing.assert_allclose(written.reshape(x[0].shape), expected(x[0]), rtol=1e-6)
+    assert engine.placed == [["DirectJob"], ["DirectJob"]]  # the copied requests went the usual way, stacked
+    assert (
+        metric(page, "encoder_shm_requests_total", path="direct"),
+        metric(page, "encoder_shm_requests_total", path="copied"),
+    ) == (2, 2)
 
 
 async def test_statistics_count_successes_failures_and_executions() -> None:
