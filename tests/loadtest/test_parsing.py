@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loadtest.peers.loadgen import split
-from loadtest.peers.scrape import batch_sizes
+from loadtest.peers.scrape import batch_sizes, shm_paths
 from loadtest.run import per_step
 
 
@@ -38,6 +38,15 @@ def test_batch_sizes_are_the_histogram_delta() -> None:
     result = batch_sizes(before, after)
     assert result["formed"] == {"1": 2, "2": 2, "4": 2}
     assert result["batches"] == 6 and result["mean_batch_size"] == 3.0
+
+
+def test_shm_paths_are_the_counter_deltas_by_path() -> None:
+    def counts(direct: float, copied: float) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        name = "encoder_shm_requests_total"
+        return {(name, (("path", "direct"),)): direct, (name, (("path", "copied"),)): copied}
+
+    assert shm_paths(counts(3, 1), counts(10, 1)) == {"direct": 7, "copied": 0}
+    assert shm_paths({}, {}) == {"direct": 0, "copied": 0}
 
 
 def test_concurrency_is_split_over_client_processes() -> None:
