@@ -3,9 +3,11 @@
     python loadtest/bench_shm.py [--out result.json]
 
 Rows: the per-request registry work (input and output views: one ``readlink`` and one ``fstat`` each), its
-system calls alone, a region's first use in a worker that did not register it (open, checks, ``mmap``), and, for
-scale, the one host copy a shared-memory input still costs (region -> the engine's batch buffer) at the
-benchmark's tensor sizes (196x768 fp16 per sample).
+system calls alone, a region's first use in a worker that did not register it (open, checks, ``mmap``), the
+NaN/Inf check of the input where it lies, and the two host copies of the copied path (region -> the engine's
+batch buffer, answer -> output region) at the benchmark's tensor sizes (196x768 fp16 per sample). The last two
+rows add them up: a worker's host work per request on the direct path (views and the check: the engine process
+copies between the region and the GPU) and on the copied path (the same plus both copies).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from service.dataplane import all_finite
 from service.oip.types import SharedMemoryRef
 from service.shm import SystemSharedMemory
 
@@ -70,19 +73,25 @@ def measure(batch: int) -> dict[str, float]:
             other._mapped.clear()
             other.input_array(inputs, dtype, shape)
 
+        views = per_call_us(
+            lambda: (registering.input_array(inputs, dtype, shape), registering.output_array(outputs, dtype, shape))
+        )
+        check = per_call_us(lambda: all_finite(registering.input_array(inputs, dtype, shape)), 0.5)
+        copy_in = per_call_us(lambda: np.copyto(staging, registering.input_array(inputs, dtype, shape)), 0.5)
+        copy_out = per_call_us(lambda: np.copyto(registering.output_array(outputs, dtype, shape), staging), 0.5)
         return {
-            "views per request (input + output)": per_call_us(
-                lambda: (registering.input_array(inputs, dtype, shape), registering.output_array(outputs, dtype, shape))
-            ),
+            "views per request (input + output)": views,
             "  of which readlink (still registered?)": per_call_us(lambda: os.readlink(entry)),
             "  of which fstat (not truncated?)": per_call_us(region.mapping.size),
             "first use in another worker (open, checks, mmap)": per_call_us(first_use, 0.5),
-            "copy region -> page-aligned batch buffer": per_call_us(
-                lambda: np.copyto(staging, registering.input_array(inputs, dtype, shape)), 0.5
-            ),
+            "NaN/Inf check of the input where it lies": check,
+            "copy region -> page-aligned batch buffer": copy_in,
+            "copy answer -> output region": copy_out,
             f"copy region -> numpy heap array (+16 B; {heap.__array_interface__['data'][0] % 4096})": per_call_us(
                 lambda: np.copyto(heap, registering.input_array(inputs, dtype, shape)), 0.5
             ),
+            "worker host work per request, direct path": views + check,
+            "worker host work per request, copied path": views + check + copy_in + copy_out,
         }
     finally:
         registering.close()
