@@ -115,7 +115,8 @@ class SharedRegions:
         self._ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self._finalizers: list[weakref.finalize] = []
         self._gone: list[int] = []
-        self._gone_lock = threading.Lock()
+        # Reentrant: a finalizer may run inside take_gone itself (the cyclic GC runs at any allocation).
+        self._gone_lock = threading.RLock()
         self._next = 1  # 0 is the arena
 
     def get(self, region: HostRegion) -> int | None:
