@@ -1,5 +1,5 @@
-"""CUDA shared-memory loads of the service benchmark (``cuda-shm`` over tritonclient.http, ``cuda-shm-grpc`` over
-tritonclient.grpc.aio): the tensors stay in GPU memory the client allocated.
+"""Where the CUDA shared-memory loads of the service benchmark put their tensors (``cuda-shm`` and ``cuda-shm-grpc``
+run over the HTTP and gRPC loops of :mod:`loadtest.peers.oip_clients`): in GPU memory the client allocated.
 
 Each client process allocates one input region (the fixed input, written once) and one output region per
 request in flight, with ``tritonclient.utils.cuda_shared_memory`` (cuda-python), registers them once and names
@@ -10,18 +10,17 @@ compared (see :mod:`loadtest.peers.cuda_regions`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from loadtest.peers.cuda_regions import ClientRegion, allocate
-from loadtest.peers.loadgen import ClientReport
 from loadtest.peers.oip_clients import OipSpec, Recorder
+from loadtest.peers.oip_loops import Placement
 
 CUDA_PROTOCOLS = ("cuda-shm", "cuda-shm-grpc")
 
@@ -65,73 +64,17 @@ def check(spec: OipSpec, rec: Recorder, region: ClientRegion, declared: int | No
     return checker.compare(got.astype(np.float32), want)
 
 
-def http_loop(spec: OipSpec, inflight: int, window: tuple[float, float]) -> ClientReport:
-    import gevent
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
+def in_cuda_regions(
+    spec: OipSpec, rec: Recorder, slots: int, control: Callable[[], Any], stack: contextlib.ExitStack
+) -> Placement:
+    """The load's placement (see :class:`loadtest.peers.oip_clients.Placement`): the input region, and one output
+    region per slot, poisoned on the checked rows before each request."""
+    inp, outs = stack.enter_context(cuda_regions(spec, slots, control()))
 
-    rec = Recorder(spec, window)
-    client = httpclient.InferenceServerClient(
-        spec.http_url, concurrency=inflight, connection_timeout=30.0, network_timeout=120.0
-    )
-    with contextlib.ExitStack() as stack:
-        stack.callback(client.close)
-        inp, outs = stack.enter_context(cuda_regions(spec, inflight, client))
-        inputs = [httpclient.InferInput("input", list(spec.inputs.shape), spec.datatype)]
-        inputs[0].set_shared_memory(inp.name, spec.nbytes)
+    def poison(slot: int) -> None:
+        outs[slot].poison_rows(spec.inputs.dtype, spec.inputs.shape, rec.check.rows)
 
-        def one(slot: int) -> None:
-            output = httpclient.InferRequestedOutput("output", binary_data=True)
-            output.set_shared_memory(outs[slot].name, spec.nbytes)
-            while time.time() < rec.stop:
-                outs[slot].poison_rows(spec.inputs.dtype, spec.inputs.shape, rec.check.rows)
-                sent = time.time()
-                try:
-                    result = client.infer(spec.model, inputs, outputs=[output])
-                except (InferenceServerException, OSError) as exc:
-                    rec.failed(exc)
-                    continue
-                params = result.get_response()["outputs"][0].get("parameters", {})
-                rec.done(sent, check(spec, rec, outs[slot], params.get("shared_memory_byte_size")))
+    def answer(slot: int, declared: int | None) -> str | None:
+        return check(spec, rec, outs[slot], declared)
 
-        gevent.joinall([gevent.spawn(one, slot) for slot in range(inflight)], raise_error=True)
-    return rec.finish()
-
-
-async def _grpc_loop(spec: OipSpec, inflight: int, window: tuple[float, float]) -> ClientReport:
-    import tritonclient.grpc as grpcclient
-    import tritonclient.grpc.aio as aioclient
-    from tritonclient.utils import InferenceServerException
-
-    rec = Recorder(spec, window)
-    client = aioclient.InferenceServerClient(spec.grpc_url)
-    with contextlib.ExitStack() as stack:
-        control = grpcclient.InferenceServerClient(spec.grpc_url)
-        stack.callback(control.close)
-        inp, outs = stack.enter_context(cuda_regions(spec, inflight, control))
-        inputs = [grpcclient.InferInput("input", list(spec.inputs.shape), spec.datatype)]
-        inputs[0].set_shared_memory(inp.name, spec.nbytes)
-
-        async def one(slot: int) -> None:
-            output = grpcclient.InferRequestedOutput("output")
-            output.set_shared_memory(outs[slot].name, spec.nbytes)
-            while time.time() < rec.stop:
-                outs[slot].poison_rows(spec.inputs.dtype, spec.inputs.shape, rec.check.rows)
-                sent = time.time()
-                try:
-                    result = await client.infer(spec.model, inputs, outputs=[output], client_timeout=120.0)
-                except InferenceServerException as exc:
-                    rec.failed(exc)
-                    continue
-                param = result.get_response().outputs[0].parameters.get("shared_memory_byte_size")
-                rec.done(sent, check(spec, rec, outs[slot], param.int64_param if param else None))
-
-        try:
-            await asyncio.gather(*(one(slot) for slot in range(inflight)))
-        finally:
-            await client.close()
-    return rec.finish()
-
-
-def grpc_loop(spec: OipSpec, inflight: int, window: tuple[float, float]) -> ClientReport:
-    return asyncio.run(_grpc_loop(spec, inflight, window))
+    return Placement(inp.name, lambda slot: (outs[slot].name, 0), poison, answer)

@@ -28,9 +28,9 @@ from loadtest.peers.oip_clients import (
     OipSpec,
     RawAnswerCheck,
     fixed_inputs,
-    oip_client_main,
     reference_outputs,
 )
+from loadtest.peers.oip_loops import oip_client_main
 from loadtest.peers.scrape import Samples, batch_sizes, scrape, shm_paths, time_breakdown
 from loadtest.peers.triton.server import READY_PATH as TRITON_READY
 

@@ -16,7 +16,8 @@ import pytest
 
 from loadtest.peers.launch import free_port, running
 from loadtest.peers.loadgen import drive
-from loadtest.peers.oip_clients import OipSpec, fixed_inputs, oip_client_main, reference_outputs
+from loadtest.peers.oip_clients import OipSpec, fixed_inputs, reference_outputs
+from loadtest.peers.oip_loops import oip_client_main
 from loadtest.peers.triton.server import READY_PATH, unavailable
 from tests.service.server_support import REPO, clean_env
 
