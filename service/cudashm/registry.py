@@ -74,19 +74,26 @@ class CudaRecord:
 class OpenRegion:
     """A registered region's handle, open in this process; closed once unregistered and no lease holds it."""
 
-    __slots__ = ("device", "leases", "pointer", "raw", "record", "retired")
+    __slots__ = ("__weakref__", "device", "handle", "leases", "pointer", "raw", "record", "retired")
 
     def __init__(self, raw: str, record: CudaRecord, pointer: int, device: int) -> None:
         self.raw, self.record, self.pointer, self.device = raw, record, pointer, device
+        self.handle = record.raw_handle  # what an engine process opens the same memory with
         self.leases = 0
         self.retired = False  # unregistered (or registered again): close when the last lease goes
+
+    @property
+    def byte_size(self) -> int:
+        return self.record.byte_size
 
 
 class Lease:
     """One request's hold on ``ref`` (bounds-checked) in an open region: copies in and out of it."""
 
-    def __init__(self, registry: CudaSharedMemory, region: OpenRegion, ref: SharedMemoryRef) -> None:
-        self._registry, self.region, self.ref = registry, region, ref
+    def __init__(
+        self, registry: CudaSharedMemory, region: OpenRegion, ref: SharedMemoryRef, dtype: np.dtype[Any]
+    ) -> None:
+        self._registry, self.region, self.ref, self.dtype = registry, region, ref, dtype
         self.pointer = region.pointer + ref.offset  # device address of the tensor's first byte
         self.device = region.device  # this process's CUDA ordinal
         self._held = True
@@ -229,7 +236,7 @@ class CudaSharedMemory:
             return None
         _check_ref(ref, dtype, shape)
         region = self._acquire(ref.region, raw)
-        lease = Lease(self, region, ref)
+        lease = Lease(self, region, ref, dtype)
         if ref.offset + ref.byte_size > region.record.byte_size:
             lease.release()
             raise InvalidInput(

@@ -11,26 +11,51 @@ carries the 64-byte handle after its head instead of a descriptor.
 
 from __future__ import annotations
 
+import ctypes
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from converter.device_rows import DeviceRows
+from converter.device_rows import DeviceRows, Placed
 from service.cudashm.device import HANDLE_BYTES, DeviceMemory
 from service.engine.regions import RegionRefused
 from service.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 KIND_CUDA = 1  # ipc.REGISTER's kind for a CUDA region (ipc.KIND_SYSTEM is 0)
+INVALID = "invalid input:"  # starts a FAILED reply about the client's values (the worker answers 422), not a failure
+
+
+class DeviceRegion(Protocol):
+    """A client CUDA region as a worker holds it: what the engine process needs to open the same memory.
+
+    Implementations must be weak-referenceable: an engine connection unregisters the region when it is garbage."""
+
+    @property
+    def handle(self) -> bytes:
+        """The 64-byte CUDA IPC handle."""
+        ...
+
+    @property
+    def byte_size(self) -> int: ...
 
 
 class CudaRegion:
     """A client's allocation opened in this process; ``byte_size`` bytes of it are the region."""
 
-    def __init__(self, handle: bytes, pointer: int, byte_size: int) -> None:
+    def __init__(self, handle: bytes, pointer: int, byte_size: int, host_visible: bool = False) -> None:
         self.handle, self.pointer, self.byte_size = handle, pointer, byte_size
+        self.host_visible = host_visible  # the test-only fake layer: its "device" addresses are host memory
         self.refs = 0
+
+    def view(self, offset: int, shape: tuple[int, int, int], dtype: np.dtype[Any]) -> Placed:
+        """What a batch part of this region is to the engine: device rows (the fake layer: a host array there)."""
+        rows = self.rows(offset, shape, dtype)
+        if not self.host_visible:
+            return rows
+        raw = (ctypes.c_uint8 * rows.nbytes).from_address(rows.pointer)
+        return np.frombuffer(memoryview(raw).cast("B"), dtype).reshape(shape)
 
     def rows(self, offset: int, shape: tuple[int, int, int], dtype: np.dtype[Any]) -> DeviceRows:
         """``shape`` x ``dtype`` at byte ``offset`` of the region; ValueError past its end."""
@@ -72,7 +97,8 @@ class CudaRegionTable:
             if allocated < byte_size:
                 self.device.close(pointer, self.ordinal)
                 raise RegionRefused(f"{byte_size} bytes are more than the allocation ({allocated})")
-            region = self._regions[key] = CudaRegion(handle, pointer, byte_size)
+            host_visible = self.device.name == "fake"
+            region = self._regions[key] = CudaRegion(handle, pointer, byte_size, host_visible)
         region.refs += 1
         return region
 

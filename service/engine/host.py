@@ -33,10 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from converter.device_rows import DeviceRows, Placed
 from service.batching.batcher import pad_size, run_batch
 from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
 from service.engine import ipc
 from service.engine.base import Engine, EngineUnrecoverable
+from service.engine.cuda_regions import INVALID, KIND_CUDA, CudaRegion, CudaRegionTable
 from service.engine.regions import ClientRegion, RegionRefused, RegionTable
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,12 @@ class _Job:
 
     worker: _Worker
     sequence: int
-    parts: list[np.ndarray]
-    outs: list[np.ndarray]
+    parts: list[Placed]
+    outs: list[Placed]
     samples: int
     seq: int
     arrived: float
-    held: list[ClientRegion] = field(default_factory=list)  # client regions it uses: mapped until it is done
+    held: list[ClientRegion | CudaRegion] = field(default_factory=list)  # client regions it uses, until done
 
 
 class _Worker:
@@ -71,7 +73,7 @@ class _Worker:
 
     def __init__(self, host: EngineHost, sock: socket.socket, arena: ipc.Arena, hello: dict[str, Any]) -> None:
         self.host, self.sock, self.arena, self.hello = host, sock, arena, hello
-        self.regions: dict[int, ClientRegion] = {}  # this connection's region ids
+        self.regions: dict[int, ClientRegion | CudaRegion] = {}  # this connection's region ids
         self.closed = False
         self._loop = asyncio.get_running_loop()
         self._in = bytearray()
@@ -122,11 +124,11 @@ class _Worker:
             elif kind == ipc.UNREGISTER and len(body) == ipc.UNREGISTER_BODY.size:
                 region = self.regions.pop(ipc.UNREGISTER_BODY.unpack(body)[0], None)
                 if region is not None:  # an unknown id is no error: unregistering is idempotent
-                    self.host.regions.release(region)
+                    self.host.release(region)
             else:
                 self.close(f"protocol error: frame kind {kind} of {length} bytes")
 
-    def view(self, region: int, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    def view(self, region: int, offset: int, shape: tuple[int, int, int], dtype: np.dtype[Any]) -> Placed:
         """A checked view of ``region`` (0: the arena); ValueError for an unknown region or a range past it."""
         if region == ipc.ARENA:
             return self.arena.view(offset, shape, dtype)
@@ -139,6 +141,9 @@ class _Worker:
 
     def _register(self, sequence: int, body: bytes) -> None:
         """Map a client region (see :mod:`service.engine.regions`); the reply says whether it may be used."""
+        if len(body) >= ipc.REGISTER_HEAD.size and body[4] == KIND_CUDA:  # the kind byte: no descriptor comes
+            self._register_cuda(sequence, body)
+            return
         fd = self._fds.popleft() if self._fds else -1
         table = self.host.regions
         try:
@@ -188,6 +193,23 @@ class _Worker:
         if not self.closed:
             self.start()
             self._parse()
+
+    def _register_cuda(self, sequence: int, body: bytes) -> None:
+        """Open a client's CUDA region from the IPC handle after the frame's head (see
+        :mod:`service.engine.cuda_regions`); quick enough for the event loop (one driver call, once per region)."""
+        region_id, _, _, byte_size = ipc.REGISTER_HEAD.unpack_from(body)
+        table = self.host.cuda_regions
+        try:
+            if table is None:
+                raise RegionRefused("this engine process does not serve CUDA shared memory")
+            if region_id == ipc.ARENA or region_id in self.regions:
+                raise RegionRefused(f"region id {region_id} is already in use on this connection")
+            region = table.open(body[ipc.REGISTER_HEAD.size :], byte_size)
+        except RegionRefused as exc:
+            self.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
+            return
+        self.regions[region_id] = region
+        self.reply(sequence, (ipc.OK, "device", 0.0, 0.0))
 
     def _registered(self, sequence: int, region_id: int, region: ClientRegion) -> None:
         self.regions[region_id] = region
@@ -251,22 +273,27 @@ class _Worker:
         self.host.detach(self)
 
 
-def run_parts(
-    engine: Engine, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray] | None = None
-) -> tuple[int, float]:
+def run_parts(engine: Engine, parts: Sequence[Placed], outs: Sequence[Placed] | None = None) -> tuple[int, float]:
     """Compute ``parts`` as one batch, each answer written into its ``out`` (default: over the part itself);
     (batch size run, seconds)."""
     started = time.perf_counter()
     outs = parts if outs is None else outs
+    if any(isinstance(item, DeviceRows) for item in (*parts, *outs)):  # client CUDA regions: device to device
+        run_device_into = getattr(engine, "run_device_into", None)
+        if run_device_into is None:
+            raise RuntimeError("this engine cannot read device memory (CUDA shared memory needs the CUDA engine)")
+        return int(run_device_into(parts, outs)), time.perf_counter() - started
+    arrays = [p for p in parts if isinstance(p, np.ndarray)]
+    targets = [o for o in outs if isinstance(o, np.ndarray)]
     run_into = getattr(engine, "run_into", None)
     if run_into is not None:  # the ONNX engine copies each part straight to and from the device
-        padded = int(run_into(parts, outs))
+        padded = int(run_into(arrays, targets))
     else:
-        samples = sum(int(part.shape[0]) for part in parts)
+        samples = sum(int(part.shape[0]) for part in arrays)
         padded = pad_size(samples, engine.buckets if engine.fixed_shapes else None)
-        answer, _ = run_batch(engine, list(parts), padded)
+        answer, _ = run_batch(engine, arrays, padded)
         offset = 0
-        for out in outs:
+        for out in targets:
             np.copyto(out, answer[offset : offset + out.shape[0]])
             offset += out.shape[0]
     return padded, time.perf_counter() - started
@@ -283,12 +310,15 @@ class EngineHost:
         device: str = "cpu",
         max_regions: int = 256,
         max_region_bytes: int = 4 << 30,
+        cuda_regions: CudaRegionTable | None = None,
     ) -> None:
         self.engine = engine
         self.device = device
         self.max_batch_size = max_batch_size
         register, unregister = getattr(engine, "register_host", None), getattr(engine, "unregister_host", None)
         self.regions = RegionTable(max_regions, max_region_bytes, register, unregister)
+        self.cuda_regions = cuda_regions  # client CUDA regions, with --shared-memory cuda
+        self._finite: Any = None  # converter.finite.FiniteCheck on this GPU, made at the first CUDA part
         self._observer = SafeObserver(observer or NullObserver())
         self._jobs: deque[_Job] = deque()
         self._workers: set[_Worker] = set()
@@ -402,7 +432,7 @@ class EngineHost:
                 kept.append(job)
         self._jobs = kept
         for region in worker.regions.values():
-            self.regions.release(region)  # still mapped while a batch computing now uses it
+            self.release(region)  # still mapped while a batch computing now uses it
         worker.regions.clear()
         unregister = getattr(self.engine, "unregister_host", None)
         if worker.hello["registered"] and unregister is not None:
@@ -427,28 +457,58 @@ class EngineHost:
         """The frame's parts as checked views (never trusting the worker: every range against its region)."""
         seq, specs = ipc.parse_batch(body)
         e = self.engine
-        parts: list[np.ndarray] = []
-        outs: list[np.ndarray] = []
-        held: dict[int, ClientRegion] = {}
+        parts: list[Placed] = []
+        outs: list[Placed] = []
+        held: dict[int, ClientRegion | CudaRegion] = {}
         for samples, source, source_offset, target, target_offset in specs:
             if samples < 1 or not 1 <= seq <= e.max_seq_len:
                 raise ValueError(f"invalid batch shape ({samples}, {seq})")
             shape = (samples, seq, e.dim)
             parts.append(worker.view(source, source_offset, shape, e.dtype))
+            if isinstance(worker.regions.get(source), CudaRegion):
+                self._check_finite(parts[-1])  # no worker has seen these values: checked where they are
             outs.append(worker.view(target, target_offset, shape, e.dtype))
             for region_id in (source, target):
                 if region_id != ipc.ARENA:
                     held[region_id] = worker.regions[region_id]
         for region in held.values():
-            self.regions.retain(region)
+            self.retain(region)
         samples = sum(int(part.shape[0]) for part in parts)
         return _Job(worker, sequence, parts, outs, samples, seq, time.monotonic(), list(held.values()))
+
+    def _check_finite(self, part: Placed) -> None:
+        """ValueError (the client's input, answered 422) when a sample holds a NaN or an infinity."""
+        if isinstance(part, np.ndarray):  # the test-only fake layer: host memory
+            finite = bool(np.isfinite(part).all())
+        else:
+            if self._finite is None:
+                from converter.finite import FiniteCheck
+
+                self._finite = FiniteCheck(self.engine.dtype, "CUDAExecutionProvider", 0)
+            finite = bool(self._finite.device(part.pointer, part.shape).all())
+        if not finite:
+            raise ValueError(f"{INVALID} inputs must be finite numbers within the model's dtype ({part.dtype})")
+
+    def retain(self, region: ClientRegion | CudaRegion) -> None:
+        if isinstance(region, CudaRegion):
+            assert self.cuda_regions is not None
+            self.cuda_regions.retain(region)
+        else:
+            self.regions.retain(region)
+
+    def release(self, region: ClientRegion | CudaRegion) -> None:
+        """One reference fewer on a client region of either kind (its table unmaps or closes it with the last)."""
+        if isinstance(region, CudaRegion):
+            assert self.cuda_regions is not None
+            self.cuda_regions.release(region)
+        else:
+            self.regions.release(region)
 
     def _finish(self, job: _Job) -> None:
         """The job is answered or dropped: its views go, then its hold on client regions."""
         job.parts, job.outs = [], []
         for region in job.held:
-            self.regions.release(region)
+            self.release(region)
         job.held = []
 
     def _run_soon(self) -> None:
@@ -556,7 +616,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = Metrics()  # with several workers: the same multiprocess directory, so /metrics shows our batches
     observer = metrics.observer(engine.buckets, device=args.device)
     limits = (settings.max_shared_memory_regions, settings.max_shared_memory_bytes)  # the registry's
-    host = EngineHost(engine, min(settings.max_batch_size, max(engine.buckets)), observer, args.device, *limits)
+    cuda_regions = None
+    if "cuda" in settings.shared_memory_kinds:
+        from service.cudashm.device import device_memory
+
+        cuda_regions = CudaRegionTable(device_memory(settings.cuda_memory), 0, *limits)  # its GPU: ordinal 0
+    batch = min(settings.max_batch_size, max(engine.buckets))
+    host = EngineHost(engine, batch, observer, args.device, *limits, cuda_regions=cuda_regions)
     log.info(
         "engine process ready: %s on %s (device %s), batches up to %s",
         engine.name,

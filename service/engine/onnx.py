@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from converter.bundle import Bundle, load_bundle
+from converter.device_rows import Placed
 from converter.providers import SessionOptions
 from converter.session import EncoderSession
 from service.engine.base import EngineUnrecoverable, batch_buckets
@@ -75,6 +76,13 @@ class OnnxEngine:
         """One batch from many arrays (the engine process's merged worker batches), without a host gather."""
         try:
             return self.session.run_into(parts, outs)
+        except Exception as exc:
+            raise _classified(exc) from exc
+
+    def run_device_into(self, parts: Sequence[Placed], outs: Sequence[Placed]) -> int:
+        """One batch whose parts or answers may lie in this GPU's memory (client CUDA shared-memory regions)."""
+        try:
+            return self.session.run_device_into(parts, outs)
         except Exception as exc:
             raise _classified(exc) from exc
 

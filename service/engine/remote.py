@@ -22,7 +22,10 @@ import numpy as np
 
 from service.engine import ipc
 from service.engine.base import EngineGone, EngineUnreached, EngineUnrecoverable
+from service.engine.cuda_regions import INVALID, KIND_CUDA, DeviceRegion
 from service.engine.direct import DirectJob, HostRegion, SharedRegions
+from service.engine.regions import RegionRefused
+from service.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 MAX_ARENA_BYTES = 256 << 20
@@ -286,6 +289,47 @@ class RemoteEngine:
         self._shared.add(region, region_id, self._forget)
         return region_id
 
+    def run_device(
+        self, source: tuple[DeviceRegion, int], target: tuple[DeviceRegion, int], rows: int, seq: int
+    ) -> float:
+        """One ``(rows, seq, D)`` tensor from a client CUDA region (region, byte offset) computed straight into
+        another, device to device in the engine process (each region registered on this connection at its first
+        use, by its IPC handle); the engine seconds. RegionRefused when the engine process refused a region
+        (then the caller copies instead); InvalidInput for an input the model cannot take."""
+        with self._locked():
+            source_id, target_id = self._share_device(source[0]), self._share_device(target[0])
+            if source_id is None or target_id is None:
+                raise RegionRefused("the engine process does not serve this CUDA region directly")
+            try:
+                return self._exchange(seq, [(rows, source_id, source[1], target_id, target[1])])
+            except RuntimeError as exc:  # FAILED: the engine process refused this batch's contents
+                if INVALID in str(exc):
+                    raise InvalidInput(str(exc).split(INVALID, 1)[1].strip()) from None
+                raise
+
+    def _share_device(self, region: DeviceRegion) -> int | None:
+        """:meth:`_share` for a CUDA region: the frame carries its IPC handle, no descriptor."""
+        region_id = self._shared.get(region)  # type: ignore[arg-type]  # any weak-referenceable region works
+        if region_id is not None:
+            return region_id
+        if time.monotonic() < self._refused.get(id(region), 0.0):
+            return None
+        region_id = self._shared.reserve()
+        self._sequence = (self._sequence + 1) & 0xFFFFFFFF
+        frame = ipc.register_frame(self._sequence, region_id, KIND_CUDA, 0, region.byte_size, region.handle)
+        try:
+            self._sock.sendall(frame)
+        except OSError as exc:
+            raise EngineUnreached(f"the engine process is gone: {exc}") from exc
+        status, message, _ = self._reply()
+        if status != ipc.OK:
+            log.warning("the engine process serves a CUDA region by copying: %s", message)
+            self._refused = {k: t for k, t in self._refused.items() if t > time.monotonic()}
+            self._refused[id(region)] = time.monotonic() + REFUSED_RETRY_S
+            return None
+        self._shared.add(region, region_id, self._forget)  # type: ignore[arg-type]
+        return region_id
+
     def _forget(self, region_id: int) -> None:
         """``region_id``'s region is garbage (any thread): unregister it now if the connection is free."""
         self._shared.forget(region_id)
@@ -389,6 +433,13 @@ class RemotePool:
         """See :meth:`RemoteEngine.run_placed`: on an idle connection (each registers a region on its first use)."""
         idle = next((c for c in self.channels if not c.busy), self.channels[0])
         return idle.run_placed(parts)
+
+    def run_device(
+        self, source: tuple[DeviceRegion, int], target: tuple[DeviceRegion, int], rows: int, seq: int
+    ) -> float:
+        """See :meth:`RemoteEngine.run_device`: on an idle connection."""
+        idle = next((c for c in self.channels if not c.busy), self.channels[0])
+        return idle.run_device(source, target, rows, seq)
 
     def warmup(self) -> None:
         """Nothing to do: the engine process warmed up before it accepted workers."""

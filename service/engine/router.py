@@ -27,8 +27,10 @@ import numpy as np
 
 from service.engine.base import EngineGone, EngineLost, EngineUnreached, EngineUnrecoverable
 from service.engine.board import EngineBoard
+from service.engine.cuda_regions import DeviceRegion
 from service.engine.devices import DeviceStatus
 from service.engine.direct import DirectJob
+from service.engine.regions import RegionRefused
 from service.engine.remote import RemotePool
 
 log = logging.getLogger(__name__)
@@ -229,6 +231,32 @@ class RouterEngine:
                 raise RuntimeError(f"device {device.label}: {exc}") from exc
             finally:
                 self._finished(index, samples)
+
+    def run_device(
+        self, device: str, source: tuple[DeviceRegion, int], target: tuple[DeviceRegion, int], rows: int, seq: int
+    ) -> float:
+        """One tensor from a client CUDA region into another, on the engine process of ``device`` (the GPU the
+        memory is on: no other can read it); see :meth:`RemoteEngine.run_device`."""
+        with self._lock:
+            index = next((i for i, d in enumerate(self._devices) if d.label == device), None)
+            if index is None:
+                raise RegionRefused(f"no engine process serves device {device}")
+            entry = self._devices[index]
+            if not entry.usable or entry.pool is None:
+                raise EngineLost(f"the engine process of device {device} is not serving now (restarting)")
+            pool = entry.pool
+            entry.in_flight += rows
+            entry.running += 1
+        try:
+            return pool.run_device(source, target, rows, seq)
+        except EngineGone as exc:  # EngineUnreached included: the client memory is on that device only
+            self._mark_down(index, pool, exc)
+            raise EngineLost(f"the engine process of device {device} is gone") from exc
+        except EngineUnrecoverable as exc:
+            self._mark_down(index, pool, exc)
+            raise RuntimeError(f"device {device}: {exc}") from exc
+        finally:
+            self._finished(index, rows)
 
     def _finished(self, index: int, samples: int) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service import dataplane
-from service.engine.direct import COPIED, Span, direct_job
+from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFailed
+from service.engine.base import EngineGone, EngineLost
+from service.engine.direct import COPIED, DIRECT, Span, direct_job
+from service.engine.regions import RegionRefused
 from service.errors import BadRequest, Conflict, InvalidInput, NotFound
 from service.oip.types import (
     DATATYPES,
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
     from service.cudashm import Lease
     from service.shm import SystemSharedMemory
 
+log = logging.getLogger(__name__)
 SERVER_NAME = "encoder-service"
 SERVER_VERSION = "0.1.0"
 MODEL_VERSION = "1"  # one model, one version: what a Triton model repository with a single "1/" directory says
@@ -185,23 +190,30 @@ async def _infer(
     wanted = requested_output(request)
     with contextlib.ExitStack() as leases:
         # CUDA regions (named like system ones): each is held from here until its answer is written.
-        cuda_in = cuda_lease(state, tensor.shm, DATATYPES[tensor.datatype], tensor.shape, leases)
+        dtype, shape = DATATYPES[tensor.datatype], check_shape(tensor.shape)
+        cuda_in = cuda_lease(state, tensor.shm, dtype, shape, leases)
+        if cuda_in is not None and tensor.data is not None:
+            raise BadRequest(f"input {tensor.name!r} has both data and a shared-memory region")
+        cuda_out = cuda_lease(state, wanted.shm, dtype, shape, leases)  # the answer has the input's shape
+        deadline = request_deadline(deadline, request.timeout_ms, arrived)
+        if cuda_in is not None and cuda_out is not None:
+            compute_s = await device_to_device(engine, cuda_in, cuda_out, shape, deadline)
+            if compute_s is not None:  # computed by the engine process straight from and into the client's memory
+                state.metrics.observe_shm_request(DIRECT)
+                out = OutputTensor(OUTPUT, tensor.datatype, shape, shm=wanted.shm, binary=wanted.binary)
+                return InferResponse(request.model, [out], MODEL_VERSION, request.id, 0.0, compute_s)
         source: np.ndarray | Span
         if cuda_in is not None:
-            if tensor.data is not None:
-                raise BadRequest(f"input {tensor.name!r} has both data and a shared-memory region")
-            source = await asyncio.to_thread(cuda_in.read, DATATYPES[tensor.datatype], check_shape(tensor.shape))
+            source = await asyncio.to_thread(cuda_in.read, dtype, shape)  # the copied path: to the host and back
         else:
             source = input_source(tensor, system_regions(state, shm))
         array = source.array if isinstance(source, Span) else source
         # An output region is resolved before computing: a bad one costs no engine time, and the view (and the
         # span's region) holds the mapping, so unregistering the region while this request computes cannot take
         # its destination away.
-        cuda_out = cuda_lease(state, wanted.shm, array.dtype, array.shape, leases)
         target = None
         if wanted.shm is not None and cuda_out is None:
             target = _shm(system_regions(state, shm)).output_span(wanted.shm, array.dtype, array.shape)
-        deadline = request_deadline(deadline, request.timeout_ms, arrived)
         job = direct_job(engine, source, target) if isinstance(source, Span) and target is not None else None
         if job is not None:  # both in system shared memory, in the engine's dtype: computed where they lie
             result = await dataplane.infer_placed(engine, batcher, job, deadline)
@@ -307,6 +319,45 @@ def cuda_lease(
     if lease is not None:
         leases.callback(lease.release)
     return lease
+
+
+async def device_to_device(
+    engine: Any, source: Lease, target: Lease, shape: tuple[int, ...], deadline: float
+) -> float | None:
+    """Serve a request whose input and output both lie in CUDA regions of one GPU on that GPU's engine process,
+    device to device (no host copy): the engine seconds; None where that path does not apply (an engine in this
+    process, the input's datatype not the engine's, two GPUs, a region the engine process refused), and the
+    caller copies instead. Past the batcher: the engine process merges these with every other worker's batches.
+    """
+    run_device = getattr(engine, "run_device", None)
+    records = source.region.record, target.region.record
+    if run_device is None or source.dtype != engine.dtype or records[0].device_id != records[1].device_id:
+        return None
+    batch = dataplane.as_batch(np.broadcast_to(np.zeros((), source.dtype), shape), engine)  # rank, width, length
+    samples, seq, dim = batch.shape
+    step = max(engine.buckets)  # the engine process captured no larger batch
+    row_bytes = seq * dim * source.dtype.itemsize
+    compute_s = 0.0
+    for start in range(0, samples, step):
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed before it was computed")
+        rows = min(step, samples - start)
+        at_source = (source.region, source.ref.offset + start * row_bytes)
+        at_target = (target.region, target.ref.offset + start * row_bytes)
+        try:
+            device = str(records[0].device_id)
+            compute_s += await asyncio.to_thread(run_device, device, at_source, at_target, rows, seq)
+        except RegionRefused:
+            if start:  # a refusal half-way (the engine process restarted and is full): copy the whole request
+                log.warning("CUDA region refused after %s rows were computed on the device; copying all", start)
+            return None
+        except (EngineGone, EngineLost) as exc:
+            raise BatcherStopped(f"the engine is gone: {exc}") from exc
+        except (InvalidInput, DeadlineExceeded):
+            raise
+        except Exception as exc:
+            raise EngineFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
+    return compute_s
 
 
 def system_regions(state: ServiceState, shm: SharedMemory | None) -> SharedMemory | None:
