@@ -232,9 +232,11 @@ class EncoderSession:
             if not (contiguous(part, self.dtype) and contiguous(out, self.dtype)):
                 raise ValueError(f"parts and outs must be contiguous {self.dtype.name}")
         rows = sum(int(part.shape[0]) for part in parts)
+        if self._cuda is None:
+            raise ValueError("device-resident parts need the CUDA path with captured slots (reads_device_memory)")
         buckets = sorted(b for b, s in self._graphs if s == seq and b >= rows)
-        if self._cuda is None or not buckets:
-            raise ValueError(f"device-resident parts need a captured shape of at least {rows} rows at seq {seq}")
+        if not buckets:  # a shape that was not warmed up: through the host, still correct
+            return self._run_device_via_host(parts, outs)
         slot, cuda = self._graphs[(buckets[0], seq)], self._cuda
         with self._lock:
             at = slot.input.data_ptr()
@@ -251,6 +253,35 @@ class EncoderSession:
                 at += out.nbytes
             cuda.sync(self._out_stream)
         return buckets[0]
+
+    @property
+    def reads_device_memory(self) -> bool:
+        """Can :meth:`run_device_into` take device-resident parts (the CUDA path with captured slots)?"""
+        return self._cuda is not None
+
+    def _run_device_via_host(self, parts: Sequence[Placed], outs: Sequence[Placed]) -> int:
+        """:meth:`run_device_into` for a shape without a captured slot: device parts copied to the host, one
+        :meth:`run`, answers copied back (rare: a sequence length that was not warmed up)."""
+        assert self._cuda is not None
+        arrays = []
+        for part in parts:
+            if isinstance(part, DeviceRows):
+                host = np.empty(part.shape, self.dtype)
+                self._cuda.copy(data_ptr(host), part.pointer, part.nbytes, D2H, self._in_stream)
+                part = host
+            arrays.append(part)
+        self._cuda.sync(self._in_stream)
+        answer = self.run(np.concatenate(arrays))
+        offset = 0
+        for out in outs:
+            rows = answer[offset : offset + out.shape[0]]
+            offset += out.shape[0]
+            if isinstance(out, DeviceRows):
+                self._cuda.copy(out.pointer, data_ptr(np.ascontiguousarray(rows)), out.nbytes, H2D, self._out_stream)
+                self._cuda.sync(self._out_stream)  # each: the temporary goes with this iteration
+            else:
+                np.copyto(out, rows)
+        return offset
 
     def _run_into_chunks(self, part_rows: list[int], ptrs: tuple[list[int], list[int]], chunk: int, seq: int) -> int:
         """Chunks of ``chunk`` rows on their two slots (a smaller tail on its bucket's); 0: one batch, one slot.

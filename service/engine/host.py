@@ -618,9 +618,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = (settings.max_shared_memory_regions, settings.max_shared_memory_bytes)  # the registry's
     cuda_regions = None
     if "cuda" in settings.shared_memory_kinds:
-        from service.cudashm.device import device_memory
+        # The fake layer's "device" memory is host memory any engine reads; real device memory needs the CUDA path.
+        if settings.cuda_memory == "fake" or getattr(engine, "reads_device_memory", False):
+            from service.cudashm.device import device_memory
 
-        cuda_regions = CudaRegionTable(device_memory(settings.cuda_memory), 0, *limits)  # its GPU: ordinal 0
+            cuda_regions = CudaRegionTable(device_memory(settings.cuda_memory), 0, *limits)  # its GPU: ordinal 0
+        else:
+            log.warning("CUDA shared memory is served by copying: this engine cannot read device memory")
     batch = min(settings.max_batch_size, max(engine.buckets))
     host = EngineHost(engine, batch, observer, args.device, *limits, cuda_regions=cuda_regions)
     log.info(

@@ -86,6 +86,11 @@ class OnnxEngine:
         except Exception as exc:
             raise _classified(exc) from exc
 
+    @property
+    def reads_device_memory(self) -> bool:
+        """Client CUDA regions can be computed device to device (``run_device_into``)."""
+        return self.session.reads_device_memory
+
     def register_host(self, ptr: int, nbytes: int) -> bool:
         return self.session.register_host(ptr, nbytes)
 

@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from converter.bundle import load_bundle
 from converter.device_rows import D2D, DeviceRows
 from converter.pinned import D2H, H2D, data_ptr
+from converter.providers import SessionOptions
+from converter.session import EncoderSession
 from tests.converter.fake_streams import FakeStreams
 from tests.converter.test_pipeline import TOLERANCE, cpu_answers, fake_device_session
 
@@ -60,12 +63,25 @@ def test_device_and_host_parts_mix_in_one_batch_with_one_copy_each_way(
     np.testing.assert_allclose(client_out, expected[1], rtol=tolerance, atol=tolerance)
 
 
+def test_a_shape_without_a_captured_slot_goes_through_the_host(
+    small_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cuda = KindCheckingStreams()
+    session = fake_device_session(small_bundle, monkeypatch, cuda)
+    plain = EncoderSession(load_bundle(small_bundle), SessionOptions(provider="cpu"))
+    monkeypatch.setattr(session, "run", plain.run)  # the session's own uncaptured path, on the CPU
+    x = np.random.default_rng(8).standard_normal((9, 16, session.dim)).astype(np.float32)  # more rows than 8
+    out = np.full_like(x, np.nan)
+    cuda.device += [x, out]
+    assert session.run_device_into([device_rows(x)], [device_rows(out)]) == 9
+    assert cuda.kinds == [D2H, H2D]
+    tolerance = TOLERANCE[session.bundle.precision]
+    np.testing.assert_allclose(out, cpu_answers(small_bundle, [x])[0], rtol=tolerance, atol=tolerance)
+
+
 def test_refusals(small_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     session = fake_device_session(small_bundle, monkeypatch, KindCheckingStreams())
     dim = session.dim
-    big = DeviceRows(1 << 20, (9, 16, dim), np.dtype(np.float32))  # more rows than the largest bucket (8)
-    with pytest.raises(ValueError, match="at least 9 rows"):
-        session.run_device_into([big], [big])
     half = DeviceRows(1 << 20, (1, 16, dim), np.dtype(np.float16))
     with pytest.raises(ValueError, match="contiguous float32"):
         session.run_device_into([half], [half])
@@ -74,3 +90,7 @@ def test_refusals(small_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         session.run_device_into([rows], [DeviceRows(1 << 20, (2, 16, dim), np.dtype(np.float32))])
     with pytest.raises(ValueError, match="one out per part"):
         session.run_device_into([rows], [])
+    monkeypatch.setattr(session, "_cuda", None)  # no CUDA path: the engine host does not take CUDA regions then
+    assert not session.reads_device_memory
+    with pytest.raises(ValueError, match="reads_device_memory"):
+        session.run_device_into([rows], [rows])
