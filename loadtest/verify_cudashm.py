@@ -99,13 +99,26 @@ class Session:
         self.http = httpclient.InferenceServerClient(http_url.removeprefix("http://"), network_timeout=300.0)
         self.grpc = grpcclient.InferenceServerClient(grpc_url)
         self.httpclient, self.grpcclient = httpclient, grpcclient
-        self.dim = int(self.http.get_model_metadata("encoder")["inputs"][0]["shape"][-1])
+        model_input = self.http.get_model_metadata("encoder")["inputs"][0]
+        self.dim, self.model_datatype = int(model_input["shape"][-1]), str(model_input["datatype"])
         self.count = 0
 
     def region(self, size: int, device: int | None = None) -> ClientRegion:
         self.count += 1
         name = f"verify-{self.count}"
         return allocate(name, size, self.args.device if device is None else device, fake=self.args.fake)
+
+    def paths(self) -> dict[str, float]:
+        """Shared-memory requests served so far, by path (every worker's, from /metrics)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        page = httpx.get(f"{self.http_url}/metrics", timeout=30.0).text
+        counts = {"direct": 0.0, "copied": 0.0}
+        for family in text_string_to_metric_families(page):
+            for sample in family.samples:
+                if sample.name == "encoder_shm_requests_total" and sample.labels.get("path") in counts:
+                    counts[sample.labels["path"]] += sample.value
+        return counts
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """``/encode``'s answer to ``x`` (raw bytes in, raw bytes out)."""
@@ -148,12 +161,21 @@ def check_answers(s: Session, checks: Checks, batch: int) -> None:
             ok = seen == {n: (s.args.device, size) for n, size in want.items()}
             grpc_listed = s.grpc.get_cuda_shared_memory_status(as_json=True).get("regions", {})
             checks.record(f"x{batch} status lists both (HTTP and gRPC)", ok and set(want) <= set(grpc_listed), seen)
+            before = s.paths()
             for transport in ("http", "grpc"):
                 out.write(np.zeros_like(x))
                 s.infer(x, inp.name, out.name, grpc=transport == "grpc")
                 checks.record(
                     f"x{batch} fp16 over {transport} equals /encode", *compare(out.read(x.dtype, x.shape), expected)
                 )
+            taken = {path: count - before[path] for path, count in s.paths().items()}
+            # Engine processes (several workers on a GPU) and an FP16 bundle: the engine process copies device to
+            # device; otherwise (an engine in the worker, the fake layer's CPU run) the worker copies.
+            direct = not s.args.fake and s.args.workers > 1 and s.model_datatype == "FP16"
+            wanted = {"direct": 2, "copied": 0} if direct else {"direct": 0, "copied": 2}
+            checks.record(
+                f"x{batch} fp16 took the {'device-to-device' if direct else 'copied'} path", taken == wanted, taken
+            )
             x32 = x.astype(np.float32)
             inp32, out32 = s.region(x32.nbytes), s.region(x32.nbytes)
             try:
