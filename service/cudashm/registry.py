@@ -76,7 +76,7 @@ class OpenRegion:
 
     __slots__ = ("__weakref__", "device", "handle", "leases", "pointer", "raw", "record", "retired")
 
-    def __init__(self, raw: str, record: CudaRecord, pointer: int, device: int) -> None:
+    def __init__(self, raw: str, record: CudaRecord, pointer: int | None, device: int) -> None:
         self.raw, self.record, self.pointer, self.device = raw, record, pointer, device
         self.handle = record.raw_handle  # what an engine process opens the same memory with
         self.leases = 0
@@ -94,20 +94,20 @@ class Lease:
         self, registry: CudaSharedMemory, region: OpenRegion, ref: SharedMemoryRef, dtype: np.dtype[Any]
     ) -> None:
         self._registry, self.region, self.ref, self.dtype = registry, region, ref, dtype
-        self.pointer = region.pointer + ref.offset  # device address of the tensor's first byte
         self.device = region.device  # this process's CUDA ordinal
         self._held = True
 
     def read(self, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
         """The tensor's values, copied to the host (device to host)."""
         out = np.empty(shape, dtype)
-        self._registry.device.to_host(out, self.pointer, self.device)
+        self._registry.device.to_host(out, self._registry.ensure_open(self.region) + self.ref.offset, self.device)
         return out
 
     def write(self, values: np.ndarray) -> None:
         """Copy ``values`` (the tensor's shape and datatype, contiguous) into the region (host to device)."""
         assert values.nbytes == self.ref.byte_size, "the data plane checked the size against the reference"
-        self._registry.device.from_host(self.pointer, np.ascontiguousarray(values), self.device)
+        pointer = self._registry.ensure_open(self.region) + self.ref.offset
+        self._registry.device.from_host(pointer, np.ascontiguousarray(values), self.device)
 
     def release(self) -> None:
         if self._held:
@@ -138,6 +138,7 @@ class CudaSharedMemory:
         self.max_regions, self.max_bytes, self.other_kind = max_regions, max_bytes, other_kind
         self._open: dict[str, OpenRegion] = {}
         self._lock = threading.Lock()
+        self._opening = threading.Lock()  # opens of regions registered elsewhere, one at a time
         self._next_sweep = time.monotonic() + SWEEP_S
 
     # -- the extension's control plane ------------------------------------------------------------------------
@@ -246,13 +247,19 @@ class CudaSharedMemory:
         return lease
 
     def _acquire(self, name: str, raw: str) -> OpenRegion:
-        """The open region of registration ``raw``, with one more lease: opened here at its first use."""
+        """The region of registration ``raw``, with one more lease. Registered through another worker (or again),
+        it is opened here only when a copy needs it (:meth:`ensure_open`): a request the engine process serves
+        device to device never opens it in this worker (no CUDA context here at all)."""
         with self._lock:
             region = self._open.get(name)
             if region is not None and region.raw == raw:
                 region.leases += 1
                 return region
-        fresh = self._open_region(raw, CudaRecord.decode(raw))  # registered through another worker, or again
+        record = CudaRecord.decode(raw)
+        local = self.devices.get(record.device_id)
+        if local is None:
+            raise InvalidInput(f"CUDA shared-memory region {record.name!r} is on device {record.device_id}, not served")
+        fresh = OpenRegion(raw, record, None, local)
         closing = []
         with self._lock:
             current = self._open.get(name)
@@ -267,6 +274,16 @@ class CudaSharedMemory:
         for each in closing:
             self._close(each)
         return region
+
+    def ensure_open(self, region: OpenRegion) -> int:
+        """The region's device address in this process, opening its handle now if it is not yet (the caller
+        holds a lease); the domain errors of a handle that cannot be opened (stale, another device)."""
+        with self._opening:
+            pointer = region.pointer
+            if pointer is None:
+                pointer = region.pointer = self._open_region(region.raw, region.record).pointer
+            assert pointer is not None
+            return pointer
 
     def _open_region(self, raw: str, record: CudaRecord) -> OpenRegion:
         local = self.devices.get(record.device_id)
@@ -307,6 +324,8 @@ class CudaSharedMemory:
         return region.leases == 0
 
     def _close(self, region: OpenRegion) -> None:
+        if region.pointer is None:
+            return  # never opened in this process
         try:
             self.device.close(region.pointer, region.device)
         except Exception:  # the handle is gone either way; a failure to unmap is logged, not raised to a client

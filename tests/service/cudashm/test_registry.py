@@ -204,7 +204,7 @@ def test_unregistering_while_leased_closes_when_the_lease_ends(
     assert device.opened == 0
 
 
-def test_another_worker_opens_a_region_at_first_use_and_closes_it_after_unregister(
+def test_another_worker_opens_a_region_at_its_first_copy_and_closes_it_after_unregister(
     registry: CudaSharedMemory, registry_dir: Path, make_region: MakeRegion, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     other_device = FakeDeviceMemory()
@@ -216,8 +216,9 @@ def test_another_worker_opens_a_region_at_first_use_and_closes_it_after_unregist
         assert other.status() == registry.status()  # listed once, by every worker
         assert other_device.opened == 0
         lease = other.lease(SharedMemoryRef("r", 0, 64), F32, (16,))
-        assert lease is not None and other_device.opened == 1
+        assert lease is not None and other_device.opened == 0  # held, not opened: the engine process may serve it
         np.testing.assert_array_equal(lease.read(F32, (16,)), np.arange(16, dtype=np.float32))
+        assert other_device.opened == 1  # the copy opened it
         lease.release()
         registry.unregister("r")
         assert other.lease(SharedMemoryRef("r", 0, 64), F32, (16,)) is None
@@ -241,8 +242,11 @@ def test_a_region_freed_after_registration_fails_in_a_worker_that_had_not_opened
         region = make_region(256)
         registry.register("r", region.handle, 0, 256)
         region.free()
+        lease = other.lease(SharedMemoryRef("r", 0, 64), F32, (16,))
+        assert lease is not None
         with pytest.raises(HandleError, match="stale"):
-            other.lease(SharedMemoryRef("r", 0, 64), F32, (16,))
+            lease.read(F32, (16,))  # the first copy opens it
+        lease.release()
     finally:
         other.close()
 
@@ -265,10 +269,12 @@ async def test_an_idle_worker_closes_handles_of_regions_unregistered_elsewhere(
         registry.register("r", make_region(256).handle, 0, 256)
         lease = other.lease(SharedMemoryRef("r", 0, 64), F32, (16,))
         assert lease is not None
+        lease.read(F32, (16,))
         lease.release()
+        assert other_device.opened == 1
         registry.unregister("r")
         for _ in range(200):  # no request reaches the other worker: its sweeper closes the handle
-            if other_device.opened == 0:
+            if other_device.opened == 0 and other.opened == 0:
                 break
             await asyncio.sleep(0.01)
         assert other_device.opened == 0 and other.opened == 0
