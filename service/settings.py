@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     engine_restart_backoff_max_s: float = Field(
         default=30.0, ge=0, description="the longest wait before restarting a dead engine process"
     )
+    in_flight_batches: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="with engine processes: batches each worker keeps in flight to them at once (0: 2, or more "
+        "when there are fewer workers than devices: 2 per device in all); more means smaller worker batches",
+    )
     engine_dir: str | None = Field(
         default=None, description="internal: set by the supervisor: the engine processes' sockets and status board"
     )

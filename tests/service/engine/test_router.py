@@ -17,9 +17,11 @@ import pytest
 from service.engine.base import EngineLost
 from service.engine.board import EngineBoard, Slot
 from service.engine.devices import Device
+from service.engine.factory import build_engine
 from service.engine.fake import FATAL, fake_output
-from service.engine.router import RouterEngine
+from service.engine.router import RouterEngine, default_in_flight
 from service.engine.supervisor import EngineSupervisor, RestartPolicy, supervised
+from service.settings import Settings
 from tests.service.engine.processes import use_env
 from tests.service.engine.support import sample, wait_until
 
@@ -188,3 +190,26 @@ def test_a_router_waits_for_an_engine_at_most_its_bound_and_stops_waiting_when_t
     with pytest.raises(ConnectionError, match="asked to stop"):
         RouterEngine(str(tmp_path), cancelled=told.is_set)  # the default bound is minutes: it ends at the request
     assert time.monotonic() - started < 10
+
+
+def test_a_worker_keeps_two_batches_in_flight_unless_too_few_workers_keep_two_per_device_busy() -> None:
+    assert [default_in_flight(2, 1, workers) for workers in (1, 2, 16)] == [2, 2, 2]
+    assert [default_in_flight(2, 2, workers) for workers in (1, 2, 3, 16)] == [4, 2, 2, 2]
+    assert [default_in_flight(2, 8, workers) for workers in (1, 3, 8, 16)] == [16, 6, 2, 2]
+
+
+@pytest.mark.usefixtures("fake_env")
+def test_batches_in_flight_follow_the_worker_count_or_the_flag() -> None:
+    with routed() as (supervisor, router):
+        assert router.concurrency == 4  # one worker, two devices: two connections each busy
+        fewer = build_engine(Settings(engine_dir=supervisor.directory, in_flight_batches=3))  # --in-flight-batches
+        try:
+            assert isinstance(fewer, RouterEngine) and fewer.concurrency == 3
+            check(sample(1), fewer.run(sample(1)))
+        finally:
+            fewer.close()
+        many = build_engine(Settings(engine_dir=supervisor.directory, workers=16))
+        try:
+            assert isinstance(many, RouterEngine) and many.concurrency == 2
+        finally:
+            many.close()
