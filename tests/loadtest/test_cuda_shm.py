@@ -83,3 +83,48 @@ def test_the_verification_script_passes_on_the_fake_layer(small_bundle: Path, tm
     assert document["passed"] and len(document["checks"]) >= 20
     refused = [name for name in document["checks"] if name.startswith("refused")]
     assert len(refused) >= 10
+
+
+class _AcceptingServer:
+    """A registry that opens every handle but "bad" (as CUDA opens some handles of freed memory)."""
+
+    def __init__(self) -> None:
+        self.regions: set[str] = set()
+
+    def register(self, name: str, handle: bytes) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        if name in self.regions:
+            raise InferenceServerException("already registered", status="409")
+        if handle == b"bad":
+            raise InferenceServerException("cannot be opened", status="422")
+        self.regions.add(name)
+
+    def unregister_cuda_shared_memory(self, name: str = "") -> None:
+        self.regions.discard(name)
+
+
+def test_a_refusal_case_that_is_accepted_is_unregistered_and_a_stale_handle_is_named(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from loadtest.verify_cudashm import STALE_ACCEPTED, Checks, refuse_each
+
+    server, checks = _AcceptingServer(), Checks()
+    refuse_each(
+        server,
+        checks,
+        {
+            "stale handle (memory freed)": (lambda: server.register("b", b"stale"), {"422"}),
+            "gRPC: stale handle": (lambda: server.register("b", b"stale"), {"StatusCode.INVALID_ARGUMENT"}),
+            "byte size 0": (lambda: server.register("b", b"good"), {"422"}),
+            "64 bytes that are no handle": (lambda: server.register("b", b"bad"), {"422"}),
+        },
+    )
+    results = checks.results
+    assert results["refused: stale handle (memory freed)"] == {"ok": False, "detail": STALE_ACCEPTED}
+    assert results["refused: gRPC: stale handle"] == {"ok": False, "detail": STALE_ACCEPTED}  # not a duplicate
+    assert results["refused: byte size 0"] == {"ok": False, "detail": "accepted (unregistered again)"}
+    assert results["refused: 64 bytes that are no handle"] == {"ok": True, "detail": "422"}
+    assert server.regions == set()
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("NOTE")]
+    assert len(notes) == 2 and all("cannot tell" in line and "unregister" in line for line in notes)
