@@ -138,6 +138,23 @@ def test_every_early_answer_was_drained_not_cut_off(url: str) -> None:
     assert metric(text, "encoder_unread_bodies_total", result="limit") == 0
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole HTTP response with a Content-Length (its head and body may arrive in separate segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+    length = int({k.strip().lower(): v for k, v in fields.items()}[b"content-length"])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {len(body)} of {length} body bytes"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 def test_an_idle_keep_alive_connection_is_reused_after_uvicorns_old_5_s(tmp_path: Path) -> None:
     # uvicorn's own default closed idle connections after 5 s: a client (or proxy) reusing one just then got a
     # reset. The service's default (--keep-alive-s 90) keeps it open; a bare socket shows it (httpx would
@@ -148,7 +165,7 @@ def test_an_idle_keep_alive_connection_is_reused_after_uvicorns_old_5_s(tmp_path
         request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(request)
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
             time.sleep(6.0)
             sock.sendall(request)
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            assert read_response(sock).startswith(b"HTTP/1.1 200")

@@ -114,6 +114,9 @@ def test_two_workers_serve_and_metrics_aggregate(small_bundle: Path, reference: 
     xs = inputs(40)
     # auto: this machine runs the model on the CPU, so the workers load their own engines
     with running(serve_args(small_bundle, "--workers", "2", "--seq-lens", "16"), tmp_path / "workers.log") as url:
+        # Ready means one worker serves; the other may still be loading its engine (its gauge reads 0 until then,
+        # and the gauge is the minimum over workers), so wait for both before checking that it stays at 1.
+        wait_for_metric(url, "encoder_batcher_alive", 1, timeout=120)
         outputs = asyncio.run(post_all(url, xs))
         pages = [httpx.get(f"{url}/metrics", headers={"connection": "close"}).text for _ in range(4)]
     for x, out in zip(xs, outputs, strict=True):
