@@ -118,6 +118,10 @@ class Runtime(Protocol):
     def wait(self, event: int) -> None: ...
 
 
+class Check(Protocol):
+    def __call__(self, slot: Slot, rows: int, first_row: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class Slot:
     """A captured graph's fixed device buffers, its 'output copied out' event, and how to run it (blocking)."""
@@ -136,6 +140,7 @@ def run_chunks(
     parts: Sequence[int],
     outs: Sequence[int],
     row_bytes: int,
+    check: Check | None = None,
 ) -> None:
     """Run chunk i on ``slots[i]``: H2D chunk i+1 is queued before chunk i runs, D2H chunk i right after it.
 
@@ -143,6 +148,12 @@ def run_chunks(
     only once the graph has finished (onnxruntime's replay synchronises its stream): that is what makes a slot's
     input free for the next copy into it. Before a slot computes again, its previous output must have left the
     device (its ``done`` event). Consecutive chunks need distinct slots.
+
+    ``check(slot, rows, first_row)``, if given, is called once per chunk with its real rows (no padding) and the
+    index of its first row in the concatenated parts, after the chunk's launch and its D2H are queued: its input is
+    on the device (the input stream was synchronised), the next copy into that slot is queued only in a later
+    iteration, and the check overlaps the answer's copy out and the next chunk's copy in. It must return only once
+    it has read the slot's input (the finiteness check copies its flags back, which synchronises).
     """
     if len(slots) != len(plan):
         raise ValueError(f"{len(plan)} chunks need as many slots, got {len(slots)}")
@@ -156,6 +167,7 @@ def run_chunks(
             cuda.copy(slots[i].input + s.slot_row * row_bytes, src, s.rows * row_bytes, H2D, in_stream)
 
     used: set[int] = set()
+    first_row = 0
     copy_in(0)
     for i, slot in enumerate(slots):
         cuda.sync(in_stream)  # chunk i is on the device (chunk i+1 is not queued yet)
@@ -169,4 +181,8 @@ def run_chunks(
             dst = outs[s.part] + s.part_row * row_bytes
             cuda.copy(dst, slot.output + s.slot_row * row_bytes, s.rows * row_bytes, D2H, out_stream)
         cuda.record(slot.done, out_stream)
+        if check is not None:
+            rows = sum(s.rows for s in plan[i])
+            check(slot, rows, first_row)
+            first_row += rows
     cuda.sync(out_stream)

@@ -29,8 +29,18 @@ from converter.bundle import Bundle
 from converter.device_rows import DeviceRows, Placed, contiguous, source, target
 from converter.devices import cuda_device_count
 from converter.errors import ProviderError
+from converter.finite import FiniteCheck, finite_rows
 from converter.pinned import D2H, H2D, CudaRuntime, PinnedPool, data_ptr, load_cudart
-from converter.pipeline import Slot, assign_slots, chunk_sizes, copy_plan, cross_aliased, pick_chunk, run_chunks
+from converter.pipeline import (
+    Check,
+    Slot,
+    assign_slots,
+    chunk_sizes,
+    copy_plan,
+    cross_aliased,
+    pick_chunk,
+    run_chunks,
+)
 from converter.providers import (
     CPU,
     CUDA,
@@ -109,6 +119,7 @@ class EncoderSession:
         self._device_type = "cuda"
         self._cuda: CudaRuntime | None = None
         self._pool: PinnedPool | None = None
+        self._finite: FiniteCheck | None = None  # built at the first checked batch on the device
         if self.uses_slots and self.options.host_path == "pinned":
             self._cuda = load_cudart()
         if self._cuda is not None:
@@ -176,7 +187,14 @@ class EncoderSession:
                 return self._run_pipelined(x, chunk)
             return self._run_pinned(slot, x)
 
-    def run_into(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray], *, chunk: int | None = None) -> int:
+    def run_into(
+        self,
+        parts: Sequence[np.ndarray],
+        outs: Sequence[np.ndarray],
+        *,
+        chunk: int | None = None,
+        finite: np.ndarray | None = None,
+    ) -> int:
         """Compute the concatenation of ``parts`` (each ``(b_i, S, D)``) as one batch, writing into ``outs``.
 
         With a captured shape that holds them (the smallest batch bucket >= the total), every part is copied
@@ -186,7 +204,10 @@ class EncoderSession:
         so they cannot change the real rows. ``outs`` may be the ``parts`` themselves (answers replace inputs).
         Enough rows run as pipelined chunks (:mod:`converter.pipeline`; ``chunk``: None picks by
         ``SessionOptions.pipeline_min_chunks``, 0 forces one serial batch, N forces chunks of N rows).
-        Returns the batch size that ran, padding included.
+        ``finite`` (bool, one per row of the concatenated parts) is filled with each row's finiteness: on a captured
+        slot checked on the device input of each chunk (:class:`converter.finite.FiniteCheck`), so the host never
+        reads the inputs for it; else on the host before computing. A non-finite row is computed all the same (its
+        answer is garbage; the others do not depend on it). Returns the batch size that ran, padding included.
         """
         if not parts or len(parts) != len(outs):
             raise ValueError(f"run_into needs one out per part, got {len(parts)} parts and {len(outs)} outs")
@@ -196,9 +217,14 @@ class EncoderSession:
                 wanted = f"(b, {seq}, {self.dim})"
                 raise ValueError(f"parts must be {wanted} with outs alike, got {part.shape} -> {out.shape}")
         rows = sum(int(part.shape[0]) for part in parts)
+        if finite is not None and finite.shape != (rows,):
+            raise ValueError(f"finite must hold one flag per row ({rows}), got shape {finite.shape}")
         slot = self._slot_holding(rows, seq) if self._cuda is not None else None
         if slot is None or not all(_direct(a, self.dtype) for a in (*parts, *outs)):
-            answer = self.run(np.concatenate(parts))
+            x = np.concatenate(parts)
+            if finite is not None:
+                finite[:] = finite_rows(x.astype(self.dtype, copy=False))  # before outs (maybe the parts) change
+            answer = self.run(x)
             offset = 0
             for out in outs:
                 np.copyto(out, answer[offset : offset + out.shape[0]])
@@ -210,7 +236,7 @@ class EncoderSession:
         if chunk and cross_aliased(list(zip(ins, sizes, strict=True)), list(zip(ats, sizes, strict=True))):
             chunk = 0  # an answer could overwrite input rows not yet copied in: copy every input in first
         with self._lock:
-            return self._run_into_chunks([int(p.shape[0]) for p in parts], (ins, ats), chunk, seq)
+            return self._run_into_chunks([int(p.shape[0]) for p in parts], (ins, ats), chunk, seq, finite)
 
     def run_device_into(self, parts: Sequence[Placed], outs: Sequence[Placed]) -> int:
         """:meth:`run_into` where some parts or outs lie in this GPU's memory (:class:`DeviceRows`: a client's CUDA
@@ -283,9 +309,16 @@ class EncoderSession:
                 np.copyto(out, rows)
         return offset
 
-    def _run_into_chunks(self, part_rows: list[int], ptrs: tuple[list[int], list[int]], chunk: int, seq: int) -> int:
+    def _run_into_chunks(
+        self,
+        part_rows: list[int],
+        ptrs: tuple[list[int], list[int]],
+        chunk: int,
+        seq: int,
+        finite: np.ndarray | None = None,
+    ) -> int:
         """Chunks of ``chunk`` rows on their two slots (a smaller tail on its bucket's); 0: one batch, one slot.
-        ``ptrs``: the host addresses of the parts and of their outs."""
+        ``ptrs``: the host addresses of the parts and of their outs; ``finite``: flags to fill, one per row."""
         assert self._cuda is not None
         if chunk and (chunk, seq) not in self._spares:
             raise ValueError(f"no pipelined slots for chunks of {chunk} rows at seq {seq}")
@@ -295,8 +328,21 @@ class EncoderSession:
         stages = {id(s): self._stage(s) for s in chosen}
         row_bytes = seq * self.dim * self.dtype.itemsize
         streams = (self._in_stream, self._out_stream)
-        run_chunks(self._cuda, streams, [stages[id(s)] for s in chosen], copy_plan(part_rows, sizes), *ptrs, row_bytes)
+        check = None if finite is None else self._finite_check(finite, seq)
+        plan = copy_plan(part_rows, sizes)
+        run_chunks(self._cuda, streams, [stages[id(s)] for s in chosen], plan, *ptrs, row_bytes, check)
         return sum(sizes)
+
+    def _finite_check(self, finite: np.ndarray, seq: int) -> Check:
+        """The chunk hook of :func:`run_chunks` that fills ``finite`` from each slot's device input."""
+        if self._finite is None:
+            self._finite = FiniteCheck(self.dtype, self.provider, self.options.device_id)
+
+        def check(slot: Slot, rows: int, first_row: int) -> None:
+            assert self._finite is not None
+            finite[first_row : first_row + rows] = self._finite.device(slot.input, (rows, seq, self.dim))
+
+        return check
 
     def _stage(self, slot: _GraphSlot) -> Slot:
         launch = functools.partial(self.session.run_with_iobinding, slot.binding, slot.run_options)
@@ -445,7 +491,15 @@ class EncoderSession:
                 self.run(x)
         if self._pool is not None:
             self._capture_spares(shapes, rng)
+            self._warm_finite_check()
         return shapes
+
+    def _warm_finite_check(self) -> None:
+        """Build the device finiteness check now and run it once on each slot shape, not at the first checked batch."""
+        with self._lock:
+            self._finite = self._finite or FiniteCheck(self.dtype, self.provider, self.options.device_id)
+            for (batch, seq), slot in sorted(self._graphs.items()):
+                self._finite.device(slot.input.data_ptr(), (batch, seq, self.dim))
 
     def _capture_spares(self, shapes: list[tuple[int, int]], rng: np.random.Generator) -> None:
         """Second slots for the chunk shapes of big ``run`` batches and for ``pipeline_chunks`` (run_into)."""

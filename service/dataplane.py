@@ -18,7 +18,7 @@ from service.batching.batcher import Batcher, BatchResult
 from service.batching.errors import Overloaded
 from service.engine.base import Engine
 from service.engine.direct import DirectJob
-from service.errors import InvalidInput
+from service.errors import InvalidInput, non_finite
 from service.state import ServiceState
 
 T = TypeVar("T")
@@ -79,8 +79,15 @@ async def infer(engine: Engine, batcher: Batcher, array: np.ndarray, deadline: f
 
 async def infer_placed(engine: Engine, batcher: Batcher, job: DirectJob, deadline: float) -> BatchResult:
     """:func:`infer` for a job whose input and output lie in client shared memory in the engine's dtype: the same
-    checks on the input where it lies (no copy, no cast), batched as it is; the answer is written to its output."""
-    await off_loop_if_large(job.source.array.nbytes, model_input, job.source.array, engine)
+    checks on the input where it lies (no copy, no cast), batched as it is; the answer is written to its output.
+
+    When the engine process checks the values itself (``checks_finite``: on the device, as it copies them from the
+    region), only the shape is checked here and this worker never reads the input: a NaN or an Inf then comes
+    back from the engine as the same :class:`InvalidInput`."""
+    if getattr(engine, "checks_finite", False):
+        as_batch(job.source.array, engine)
+    else:
+        await off_loop_if_large(job.source.array.nbytes, model_input, job.source.array, engine)
     return await batcher.submit(job, deadline)
 
 
@@ -92,7 +99,7 @@ def model_input(array: np.ndarray, engine: Engine) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, as a 422
             batch = batch.astype(engine.dtype)
     if not all_finite(batch):
-        raise InvalidInput(f"inputs must be finite numbers within the model's dtype ({engine.dtype.name})")
+        raise non_finite(engine.dtype.name)
     return batch
 
 

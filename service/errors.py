@@ -11,6 +11,12 @@ class InvalidInput(Exception):
     """The request body or its headers do not describe a valid input for the loaded model."""
 
 
+def non_finite(dtype: str) -> InvalidInput:
+    """The answer to an input holding a NaN or an Inf (or a value the cast to an fp16 model made one), wherever
+    it was found: in the worker, or on the device by the engine process."""
+    return InvalidInput(f"inputs must be finite numbers within the model's dtype ({dtype})")
+
+
 class UnsupportedMediaType(Exception):
     """The Content-Type is none of the supported formats."""
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -304,6 +305,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         inputs = [item.x for item in batch]
         padded = samples
+        call: asyncio.Future[tuple[Sequence[np.ndarray | Exception], float, float]]
         if all(isinstance(x, np.ndarray) for x in inputs):
             padded = pad_size(samples, self.config.pad_buckets)
             call = loop.run_in_executor(self._executor, run_split_timed, self._engine, inputs, padded)
@@ -330,7 +332,11 @@ class Batcher:
             self._computing -= 1
         self._observer.on_batch(BatchStats(samples, padded, batch[0].seq_len, compute_s, waits))
         for item, wait, answer in zip(batch, waits, out, strict=True):
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if isinstance(answer, Exception):  # the engine refused this input alone (e.g. NaN/Inf where it lies)
+                item.future.set_exception(answer)
+            else:
                 item.future.set_result(Done(answer, wait + away_s, compute_s))
 
     @staticmethod

@@ -22,9 +22,11 @@ class BatchEngine(Protocol):
 
 
 class PlacingEngine(BatchEngine, Protocol):
-    """An engine that also takes :class:`~service.batching.queue.Placed` inputs (computed where they lie)."""
+    """An engine that also takes :class:`~service.batching.queue.Placed` inputs (computed where they lie). An input
+    the engine refuses on its own (e.g. NaN/Inf found where it lies) gets an exception instead of an answer: only
+    that input's request fails."""
 
-    def run_placed(self, parts: Sequence[np.ndarray | Placed]) -> tuple[list[np.ndarray], float]: ...
+    def run_placed(self, parts: Sequence[np.ndarray | Placed]) -> tuple[list[np.ndarray | Exception], float]: ...
 
 
 def pad_size(samples: int, buckets: Sequence[int] | None) -> int:
@@ -71,10 +73,12 @@ def run_batch_timed(engine: BatchEngine, inputs: list[np.ndarray], padded: int) 
     return out[:samples], compute_s, max(0.0, elapsed - compute_s)
 
 
-def run_placed_timed(engine: BatchEngine, inputs: list[np.ndarray | Placed]) -> tuple[list[np.ndarray], float, float]:
+def run_placed_timed(
+    engine: BatchEngine, inputs: list[np.ndarray | Placed]
+) -> tuple[list[np.ndarray | Exception], float, float]:
     """A batch holding :class:`Placed` inputs, as the engine's ``run_placed`` computes it: (each input's answer,
     compute seconds, seconds spent elsewhere). Never padded: only an engine that pads its merged batches itself
-    hands out placed inputs."""
+    hands out placed inputs. An input the engine refused has its exception instead of an answer."""
     run_placed = getattr(engine, "run_placed", None)
     if run_placed is None:
         raise TypeError(f"{type(engine).__name__} cannot compute inputs placed in shared memory")
@@ -82,7 +86,7 @@ def run_placed_timed(engine: BatchEngine, inputs: list[np.ndarray | Placed]) -> 
     outs, compute_s = run_placed(inputs)
     elapsed = time.perf_counter() - start
     for x, out in zip(inputs, outs, strict=True):
-        if out.shape[:2] != x.shape[:2]:
+        if not isinstance(out, Exception) and out.shape[:2] != x.shape[:2]:
             raise RuntimeError(f"engine returned shape {out.shape} for input {x.shape}")
     return outs, compute_s, max(0.0, elapsed - compute_s)
 

@@ -34,12 +34,14 @@ from typing import Any
 import numpy as np
 
 from converter.device_rows import DeviceRows, Placed
+from converter.finite import finite_rows
 from service.batching.batcher import pad_size, run_batch
 from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
 from service.engine import ipc
 from service.engine.base import Engine, EngineUnrecoverable
 from service.engine.cuda_regions import INVALID, KIND_CUDA, CudaRegion, CudaRegionTable
 from service.engine.regions import ClientRegion, RegionRefused, RegionTable
+from service.errors import non_finite
 
 log = logging.getLogger(__name__)
 Answer = tuple[int, str, float, float]  # status, message, engine seconds, seconds queued here
@@ -61,6 +63,9 @@ class _Job:
     seq: int
     arrived: float
     held: list[ClientRegion | CudaRegion] = field(default_factory=list)  # client regions it uses, until done
+    # Per part: read from a system client region (the direct path), so no worker checked its values: this process
+    # does, on the batch (CUDA regions' inputs are checked when the frame is read, see _check_finite).
+    checked: list[bool] = field(default_factory=list)
 
 
 class _Worker:
@@ -273,22 +278,36 @@ class _Worker:
         self.host.detach(self)
 
 
-def run_parts(engine: Engine, parts: Sequence[Placed], outs: Sequence[Placed] | None = None) -> tuple[int, float]:
+def run_parts(
+    engine: Engine,
+    parts: Sequence[Placed],
+    outs: Sequence[Placed] | None = None,
+    finite: np.ndarray | None = None,
+) -> tuple[int, float]:
     """Compute ``parts`` as one batch, each answer written into its ``out`` (default: over the part itself);
-    (batch size run, seconds)."""
+    (batch size run, seconds). ``finite`` (one flag per row of the parts) is filled with each row's finiteness:
+    by the engine's ``run_into`` (on the device, where it has one), else on the host before the answers land."""
     started = time.perf_counter()
     outs = parts if outs is None else outs
     if any(isinstance(item, DeviceRows) for item in (*parts, *outs)):  # client CUDA regions: device to device
         run_device_into = getattr(engine, "run_device_into", None)
         if run_device_into is None:
             raise RuntimeError("this engine cannot read device memory (CUDA shared memory needs the CUDA engine)")
+        if finite is not None:  # a rare mix: the host parts checked here, the device ones were when read
+            row = 0
+            for part in parts:
+                if isinstance(part, np.ndarray):
+                    finite[row : row + part.shape[0]] = finite_rows(part)
+                row += int(part.shape[0])
         return int(run_device_into(parts, outs)), time.perf_counter() - started
     arrays = [p for p in parts if isinstance(p, np.ndarray)]
     targets = [o for o in outs if isinstance(o, np.ndarray)]
     run_into = getattr(engine, "run_into", None)
     if run_into is not None:  # the ONNX engine copies each part straight to and from the device
-        padded = int(run_into(arrays, targets))
+        padded = int(run_into(arrays, targets) if finite is None else run_into(arrays, targets, finite=finite))
     else:
+        if finite is not None:
+            finite[:] = np.concatenate([finite_rows(part) for part in arrays])
         samples = sum(int(part.shape[0]) for part in arrays)
         padded = pad_size(samples, engine.buckets if engine.fixed_shapes else None)
         answer, _ = run_batch(engine, arrays, padded)
@@ -337,6 +356,8 @@ class EngineHost:
             "provider": e.provider,
             "device": self.device,
             "describe": e.describe(),
+            # Inputs read from client regions are checked here (NaN/Inf: an INVALID reply), so workers need not.
+            "checks_finite": True,
         }
 
     async def serve(self, path: str) -> None:
@@ -460,6 +481,7 @@ class EngineHost:
         parts: list[Placed] = []
         outs: list[Placed] = []
         held: dict[int, ClientRegion | CudaRegion] = {}
+        checked: list[bool] = []
         for samples, source, source_offset, target, target_offset in specs:
             if samples < 1 or not 1 <= seq <= e.max_seq_len:
                 raise ValueError(f"invalid batch shape ({samples}, {seq})")
@@ -468,13 +490,14 @@ class EngineHost:
             if isinstance(worker.regions.get(source), CudaRegion):
                 self._check_finite(parts[-1])  # no worker has seen these values: checked where they are
             outs.append(worker.view(target, target_offset, shape, e.dtype))
+            checked.append(isinstance(worker.regions.get(source), ClientRegion))
             for region_id in (source, target):
                 if region_id != ipc.ARENA:
                     held[region_id] = worker.regions[region_id]
         for region in held.values():
             self.retain(region)
         samples = sum(int(part.shape[0]) for part in parts)
-        return _Job(worker, sequence, parts, outs, samples, seq, time.monotonic(), list(held.values()))
+        return _Job(worker, sequence, parts, outs, samples, seq, time.monotonic(), list(held.values()), checked)
 
     def _check_finite(self, part: Placed) -> None:
         """ValueError (the client's input, answered 422) when a sample holds a NaN or an infinity."""
@@ -546,8 +569,9 @@ class EngineHost:
         parts = [part for job in batch for part in job.parts]
         outs = [out for job in batch for out in job.outs]
         failure: Exception | None = None
+        finite = np.ones(samples, bool) if any(any(job.checked) for job in batch) else None
         try:
-            padded, compute_s = run_parts(self.engine, parts, outs)
+            padded, compute_s = run_parts(self.engine, parts, outs, finite)
         except Exception as exc:
             log.warning("batch of %s samples (seq %s) failed: %s", samples, seq, exc, exc_info=True)
             failure = exc
@@ -565,11 +589,31 @@ class EngineHost:
         else:
             # No queue waits here: the workers record their requests' waits, each request once.
             self._observer.on_batch(BatchStats(samples, padded, seq, compute_s, ()))
-            for job, wait in zip(batch, waits, strict=True):
-                job.worker.reply(job.sequence, (ipc.OK, "", compute_s, wait))
+            refused = self._non_finite(batch, finite)
+            for job, wait, bad in zip(batch, waits, refused, strict=True):
+                if bad:
+                    text = str(non_finite(self.engine.dtype.name))
+                    job.worker.reply(job.sequence, (ipc.INVALID, ipc.invalid_message(bad, text), compute_s, wait))
+                else:
+                    job.worker.reply(job.sequence, (ipc.OK, "", compute_s, wait))
                 self._finish(job)
         if self._jobs:
             self._run_soon()
+
+    @staticmethod
+    def _non_finite(batch: list[_Job], finite: np.ndarray | None) -> list[list[int]]:
+        """Per job, the indices of its checked parts holding a non-finite row (``finite``: the batch's row flags)."""
+        refused: list[list[int]] = []
+        row = 0
+        for job in batch:
+            bad = []
+            for index, (part, checked) in enumerate(zip(job.parts, job.checked, strict=True)):
+                rows = int(part.shape[0])
+                if finite is not None and checked and not finite[row : row + rows].all():
+                    bad.append(index)
+                row += rows
+            refused.append(bad)
+        return refused
 
     def _break(self, batch: list[_Job], message: str, exc: EngineUnrecoverable) -> None:
         """The engine is broken for good: this batch gets BROKEN, everything queued GONE, and serve() raises."""

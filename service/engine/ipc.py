@@ -42,7 +42,8 @@ Part = tuple[int, int, int, int, int]  # samples, input region, input offset, ou
 # engine -> worker: sequence number, status, length of the message that follows, engine seconds, queue seconds
 REPLY = struct.Struct("<IBIdd")
 # BROKEN: this batch broke the engine for good; GONE: the engine broke on another batch, this one never ran.
-OK, FAILED, BROKEN, GONE = 0, 1, 2, 3
+# INVALID: computed, but parts read from client regions hold a NaN or an Inf (see invalid_message).
+OK, FAILED, BROKEN, GONE, INVALID = 0, 1, 2, 3, 4
 _LENGTH = struct.Struct("<I")
 MAX_HELLO = 1 << 16
 
@@ -117,6 +118,17 @@ def parse_batch(body: bytes) -> tuple[int, list[Part]]:
     if count < 1 or len(body) != BATCH_HEAD.size + count * PART.size:
         raise ValueError(f"a batch frame of {len(body)} bytes cannot hold {count} parts")
     return seq, [PART.unpack_from(body, BATCH_HEAD.size + i * PART.size) for i in range(count)]
+
+
+def invalid_message(parts: list[int], text: str) -> str:
+    """An INVALID reply's message: which parts of the frame (indices) are refused, and why."""
+    return ",".join(str(part) for part in parts) + ":" + text
+
+
+def parse_invalid(message: str) -> tuple[list[int], str]:
+    """Counterpart of :func:`invalid_message`; ValueError when ``message`` is not one."""
+    head, _, text = message.partition(":")
+    return [int(part) for part in head.split(",")], text
 
 
 def register_frame(sequence: int, region: int, kind: int, offset: int, byte_size: int, extra: bytes = b"") -> bytes:

@@ -72,10 +72,13 @@ class OnnxEngine:
         except Exception as exc:
             raise _classified(exc) from exc
 
-    def run_into(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> int:
-        """One batch from many arrays (the engine process's merged worker batches), without a host gather."""
+    def run_into(
+        self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray], finite: np.ndarray | None = None
+    ) -> int:
+        """One batch from many arrays (the engine process's merged worker batches), without a host gather;
+        ``finite``: flags to fill, one per row (checked on the device where the batch is; see ``run_into``)."""
         try:
-            return self.session.run_into(parts, outs)
+            return self.session.run_into(parts, outs, finite=finite)
         except Exception as exc:
             raise _classified(exc) from exc
 

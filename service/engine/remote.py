@@ -20,18 +20,27 @@ from typing import Any
 
 import numpy as np
 
+from converter.finite import finite_rows
 from service.engine import ipc
 from service.engine.base import EngineGone, EngineUnreached, EngineUnrecoverable
 from service.engine.cuda_regions import INVALID, KIND_CUDA, DeviceRegion
 from service.engine.direct import DirectJob, HostRegion, SharedRegions
 from service.engine.regions import RegionRefused
-from service.errors import InvalidInput
+from service.errors import InvalidInput, non_finite
 
 log = logging.getLogger(__name__)
 MAX_ARENA_BYTES = 256 << 20
 REGIONS = 4  # one batch computing while the answers of up to three earlier ones are still being sent
 REGION_WAIT_S = 5.0  # longest wait for a free region (answers not yet sent hold theirs)
 REFUSED_RETRY_S = 1.0  # a client region the engine process refused is not offered again for this long
+
+
+class NonFinite(Exception):
+    """The engine process computed a frame but refused some of its parts (NaN/Inf in a client region)."""
+
+    def __init__(self, parts: list[int], message: str, compute_s: float) -> None:
+        super().__init__(message)
+        self.parts, self.message, self.compute_s = parts, message, compute_s
 
 
 class _Lease:
@@ -104,6 +113,8 @@ class RemoteEngine:
             self.buckets: tuple[int, ...] = tuple(int(b) for b in info["buckets"])
             self.provider: str = info["provider"]
             self._described: dict[str, Any] = info["describe"]
+            # It checks the values of inputs it reads from client regions: the worker skips its own host pass.
+            self.checks_finite = bool(info.get("checks_finite", False))
             # The worker never pads: the engine process pads the merged batch to its own buckets.
             self.fixed_shapes = False
             row_bytes = self.max_seq_len * self.dim * self.dtype.itemsize
@@ -152,29 +163,43 @@ class RemoteEngine:
                 return staged, self._call(self.regions.locate(staged) or 0, x.shape[0], x.shape[1])
             return self._run_in_pieces(x)
 
-    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray], float]:
+    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray | Exception], float]:
         """Compute ``parts`` as one job: arrays through the arena (their answers are arena views), direct jobs
         straight between their client regions (answers written into their targets); (answers, engine seconds).
 
         A direct job whose region the engine process refused (its limits) goes through the arena after all, its
-        answer copied into its target, and says so (``served.copied``)."""
+        answer copied into its target, and says so (``served.copied``). A direct job holding a NaN or an Inf gets
+        :class:`~service.errors.InvalidInput` instead of an answer (the others are answered): the engine process
+        checks the values it reads from client regions (``checks_finite``), and this worker those it copies."""
         with self._locked():
             specs: list[ipc.Part] = []
+            direct: list[int] = []  # the part of each direct spec
             staged: list[int] = []  # parts that go through the arena
+            refused: dict[int, Exception] = {}
             for index, part in enumerate(parts):
                 if isinstance(part, DirectJob):
                     source, target = self._share(part.source.region), self._share(part.target.region)
                     if source is not None and target is not None:
                         specs.append((part.shape[0], source, part.source.offset, target, part.target.offset))
+                        direct.append(index)
                         continue
                     part.served.copied = True
+                    if self.checks_finite and not finite_rows(part.source.array).all():  # nobody checked it yet
+                        refused[index] = non_finite(self.dtype.name)
+                        continue
                 staged.append(index)
             answers, compute_s = self._stage(parts, staged, specs)
             if specs:
-                compute_s += self._exchange(int(parts[0].shape[1]), specs)
-            outputs = []
+                try:
+                    compute_s += self._exchange(int(parts[0].shape[1]), specs)
+                except NonFinite as exc:
+                    compute_s += exc.compute_s
+                    refused.update((direct[k], InvalidInput(exc.message)) for k in exc.parts if k < len(direct))
+            outputs: list[np.ndarray | Exception] = []
             for index, part in enumerate(parts):
-                if isinstance(part, DirectJob):
+                if index in refused:
+                    outputs.append(refused[index])
+                elif isinstance(part, DirectJob):
                     if index in answers:  # it went through the arena after all
                         np.copyto(part.output, answers[index])
                     outputs.append(part.output)
@@ -246,6 +271,9 @@ class RemoteEngine:
             raise EngineUnrecoverable(f"engine process: {message}")
         if status == ipc.GONE:
             raise EngineGone(f"engine process: {message}")
+        if status == ipc.INVALID:
+            refused, text = ipc.parse_invalid(message)
+            raise NonFinite(refused, text, compute_s)
         if status != ipc.OK:
             raise RuntimeError(f"engine process: {message}")
         return compute_s
@@ -399,6 +427,7 @@ class RemotePool:
         first = self.channels[0]
         self.path, self.name, self.dim, self.dtype = path, first.name, first.dim, first.dtype
         self.max_seq_len, self.buckets, self.provider = first.max_seq_len, first.buckets, first.provider
+        self.checks_finite = first.checks_finite
         self.fixed_shapes = False
         self.concurrency = connections  # read by the batcher: batches in flight at once
 
@@ -429,7 +458,7 @@ class RemotePool:
         idle = next((c for c in self.channels if not c.busy), self.channels[0])
         return idle.run_timed(x)
 
-    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray], float]:
+    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray | Exception], float]:
         """See :meth:`RemoteEngine.run_placed`: on an idle connection (each registers a region on its first use)."""
         idle = next((c for c in self.channels if not c.busy), self.channels[0])
         return idle.run_placed(parts)

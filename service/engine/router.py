@@ -114,6 +114,8 @@ class RouterEngine:
         self.name, self.dim, self.dtype = first.name, first.dim, first.dtype
         self.max_seq_len, self.buckets, self.provider = first.max_seq_len, first.buckets, first.provider
         self.fixed_shapes = False  # each engine process pads its merged batches itself
+        # Every engine process runs this same code: the first one's answer holds for the others (and restarts).
+        self.checks_finite = first.checks_finite
         self.concurrency = in_flight or default_in_flight(connections, len(self._devices), workers)
         self._described = first.describe()
         self._monitor = threading.Thread(target=self._watch_board, name="engine-router", daemon=True)
@@ -208,7 +210,7 @@ class RouterEngine:
         """The answer and the engine process's compute seconds (see :meth:`RemoteEngine.run_timed`)."""
         return self._routed(int(x.shape[0]) if x.ndim else 0, lambda pool: pool.run_timed(x))
 
-    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray], float]:
+    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray | Exception], float]:
         """Answers and compute seconds of a batch holding direct shared-memory jobs (see
         :meth:`RemoteEngine.run_placed`); the chosen device's engine process maps each region at its first use."""
         return self._routed(sum(int(p.shape[0]) for p in parts), lambda pool: pool.run_placed(parts))

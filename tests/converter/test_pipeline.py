@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import itertools
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from converter.bundle import load_bundle
+from converter.finite import FiniteCheck
 from converter.pinned import D2H, H2D, data_ptr
 from converter.pipeline import (
     Slot,
@@ -260,3 +262,77 @@ def test_session_runs_cross_aliased_outs_serially(small_bundle: Path, monkeypatc
     tolerance = TOLERANCE[session.bundle.precision]
     for out, want in zip(outs, expected, strict=True):
         np.testing.assert_allclose(out, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize(("part_rows", "chunk"), [([16, 16, 16, 16], 16), ([5, 11, 7, 9], 8), ([3, 2], 4), ([40], 16)])
+def test_the_chunk_check_reads_each_slot_input_after_its_copy_and_before_the_next_one(
+    eager: bool, in_place: bool, part_rows: list[int], chunk: int
+) -> None:
+    """Lazy copies would still be queued if the check came too early; eager ones would already have overwritten the
+    slot if it came too late: either way it would read rows other than its chunk's."""
+    cuda, dim = FakeStreams(eager=eager), 3
+    rng = np.random.default_rng(sum(part_rows) + chunk)
+    parts = [rng.standard_normal((n, dim)) for n in part_rows]
+    rows_in = np.concatenate(parts)  # a copy: in place, the answers replace the parts
+    outs = parts if in_place else [np.full_like(p, np.nan) for p in parts]
+    device = Device(cuda, dim)
+    sizes = chunk_sizes(sum(part_rows), chunk, BUCKETS)
+    pair = (device.slot(chunk), device.slot(chunk))
+    slots = [pair[which] if size == chunk else device.slot(size) for size, which in assign_slots(sizes, chunk)]
+    seen: list[tuple[int, int]] = []
+
+    def check(slot: Slot, rows: int, first_row: int) -> None:
+        inp, _ = device.buffers[id(slot)]
+        assert not cuda.pending(inp), "checked while a copy into the slot is still queued"
+        np.testing.assert_array_equal(inp[:rows], rows_in[first_row : first_row + rows])
+        seen.append((first_row, rows))
+
+    plan = copy_plan(part_rows, sizes)
+    run_chunks(cuda, (1, 2), slots, plan, [data_ptr(p) for p in parts], [data_ptr(o) for o in outs], dim * 8, check)
+    assert seen == [(sum(sizes[:i]), sum(s.rows for s in plan[i])) for i in range(len(sizes))]  # each chunk once
+    assert sum(rows for _, rows in seen) == sum(part_rows)  # real rows only, never padding
+    np.testing.assert_array_equal(np.concatenate(outs), rows_in * 2 + 1)  # the check changed nothing
+
+
+class DeviceReader:
+    """The session's device finiteness check on the fake device: the real onnxruntime graph over the slot's memory,
+    refusing to read memory a queued copy still touches."""
+
+    def __init__(self, cuda: FakeStreams) -> None:
+        self.cuda, self.check, self.calls = cuda, FiniteCheck(np.dtype(np.float32)), 0
+
+    def device(self, ptr: int, shape: tuple[int, int, int]) -> np.ndarray:
+        count = int(np.prod(shape))
+        memory = np.ctypeslib.as_array((ctypes.c_float * count).from_address(ptr))
+        assert not self.cuda.pending(memory), "the finiteness check read a slot whose copy is not done"
+        self.calls += 1
+        return self.check._run("cpu", ptr, shape)
+
+
+def test_session_run_into_flags_non_finite_rows_from_the_slots(
+    small_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cuda = FakeStreams()
+    session = fake_device_session(small_bundle, monkeypatch, cuda)
+    reader = DeviceReader(cuda)
+    monkeypatch.setattr(session, "_finite", reader)
+    rng = np.random.default_rng(6)
+    parts = [rng.standard_normal((b, 16, session.dim)).astype(np.float32) for b in (1, 3, 2)]
+    parts[1][2, 7, 1] = np.nan
+    parts[2][0, 15, 0] = -np.inf
+    expected = cpu_answers(small_bundle, parts)
+    tolerance = TOLERANCE[session.bundle.precision]
+    for chunk, launches in ((None, 3), (0, 1), (4, 2), (2, 3)):
+        before, outs = reader.calls, [np.full_like(p, np.nan) for p in parts]
+        flags = np.zeros(6, bool)
+        session.run_into(parts, outs, chunk=chunk, finite=flags)
+        assert flags.tolist() == [True, True, True, False, False, True]
+        assert reader.calls - before == launches  # once per chunk, on the device, not on the host arrays
+        got, want = np.concatenate(outs), np.concatenate(expected)
+        np.testing.assert_allclose(got[flags], want[flags], rtol=tolerance, atol=tolerance)  # the others unharmed
+    inputs = [p.copy() for p in parts]
+    flags = np.zeros(6, bool)
+    session.run_into(inputs, inputs, finite=flags)  # in place: the flags are the inputs', not the answers'
+    assert flags.tolist() == [True, True, True, False, False, True]

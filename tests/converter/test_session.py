@@ -136,3 +136,64 @@ def test_run_into_on_cuda_matches_per_part_runs_from_plain_and_registered_memory
     finally:
         session.unregister_host(arena.address)
         arena.close()
+
+
+def spoiled_parts(dim: int, seed: int) -> tuple[list[np.ndarray], list[bool]]:
+    """Parts of 1, 3 and 2 rows; row 3 holds a NaN and row 4 an Inf (rows counted over the concatenation)."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.standard_normal((b, 16, dim)).astype(np.float32) for b in (1, 3, 2)]
+    parts[1][2, 7, 1] = np.nan
+    parts[2][0, 15, 0] = np.inf
+    return parts, [True, True, True, False, False, True]
+
+
+def test_run_into_flags_non_finite_rows_on_the_host_path(small_bundle: Path) -> None:
+    session = EncoderSession(load_bundle(small_bundle), SessionOptions(provider="cpu", seq_lens=(16,)))
+    parts, wanted = spoiled_parts(session.dim, 8)
+    expected = np.concatenate(per_part(session, parts))
+    flags = np.zeros(6, bool)
+    inputs = [part.copy() for part in parts]
+    session.run_into(inputs, inputs, finite=flags)  # in place: flagged from the inputs, before the answers land
+    assert flags.tolist() == wanted
+    tolerance = TOLERANCE[session.bundle.precision]
+    np.testing.assert_allclose(np.concatenate(inputs)[flags], expected[flags], rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="one flag per row"):
+        session.run_into(parts, [np.empty_like(p) for p in parts], finite=np.zeros(5, bool))
+
+
+@pytest.mark.skipif(not gpu_usable(), reason="needs a usable CUDA GPU")
+def test_run_into_on_cuda_flags_non_finite_rows_with_the_device_check_on_the_slots(small_bundle: Path) -> None:
+    """The engine process's direct path on a GPU: flags from FiniteCheck.device on each chunk's slot input."""
+    bundle = load_bundle(small_bundle)
+    options = SessionOptions(provider="cuda", batch_buckets=(1, 2, 4, 8), seq_lens=(16,), pipeline_chunks=(2,))
+    session = EncoderSession(bundle, options)
+    session.warmup()
+    check = session._finite
+    assert check is not None and check.on_gpu  # built and run once per slot shape by the warm-up
+    calls: list[tuple[int, tuple[int, int, int]]] = []
+    device = check.device
+
+    def counted(ptr: int, shape: tuple[int, int, int]) -> np.ndarray:
+        calls.append((ptr, shape))
+        return device(ptr, shape)
+
+    check.device = counted  # type: ignore[method-assign]
+    parts, wanted = spoiled_parts(session.dim, 9)
+    expected = np.concatenate(per_part(session, parts))
+    slot_inputs = {slot.input.data_ptr() for slot in (*session._graphs.values(), *session._spares.values())}
+    for chunk, checks in ((0, 1), (2, 3), (None, 3)):
+        calls.clear()
+        outs = [np.empty_like(part) for part in parts]
+        flags = np.zeros(6, bool)
+        session.run_into(parts, outs, chunk=chunk, finite=flags)
+        assert flags.tolist() == wanted, chunk
+        assert len(calls) == checks and all(ptr in slot_inputs for ptr, _ in calls)  # on the device slots
+        got = np.concatenate(outs)
+        assert float(np.abs(got[flags] - expected[flags]).max()) < 1e-3  # the finite rows are answered as alone
+    # Every fp16/fp32 value kind the host check knows, on the device, one sample per row of a bucket-8 batch.
+    batch = np.random.default_rng(10).standard_normal((8, 16, session.dim)).astype(np.float32)
+    batch[1, 0, 0], batch[2, 15, session.dim - 1], batch[3, 4, 4] = np.inf, -np.inf, np.nan
+    batch[4] = np.finfo(np.float32).max
+    flags = np.zeros(8, bool)
+    session.run_into([batch], [np.empty_like(batch)], chunk=0, finite=flags)
+    assert flags.tolist() == [True, False, False, False, True, True, True, True]

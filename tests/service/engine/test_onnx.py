@@ -45,7 +45,7 @@ class _FailingSession:
     def run(self, x: np.ndarray) -> np.ndarray:
         raise self.error
 
-    def run_into(self, parts: object, outs: object) -> int:
+    def run_into(self, parts: object, outs: object, finite: object = None) -> int:
         raise self.error
 
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from converter.finite import finite_rows
 from service.engine import ipc
 from service.engine.fake import FakeEngine, fake_output
 from service.engine.remote import RemoteEngine
@@ -28,8 +29,13 @@ class PinningEngine(FakeEngine):
         self.pinned: dict[int, int] = {}
         self.unpinned: list[int] = []
 
-    def run_into(self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> int:
-        answer = self.run(np.concatenate(parts))
+    def run_into(
+        self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray], finite: np.ndarray | None = None
+    ) -> int:
+        x = np.concatenate(parts)
+        if finite is not None:
+            finite[:] = finite_rows(x)
+        answer = self.run(x)
         offset = 0
         for out in outs:
             out[...] = answer[offset : offset + out.shape[0]]

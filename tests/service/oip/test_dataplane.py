@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -13,13 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service import dataplane
 from service.batching.errors import DeadlineExceeded, EngineFailed
 from service.engine.direct import DirectJob, Span
 from service.engine.fake import POISON, FakeEngine, fake_output
+from service.engine.remote import RemotePool
 from service.errors import BadRequest, InvalidInput, NotFound
 from service.oip import dataplane as oip
 from service.oip.types import InferRequest, InputTensor, RequestedOutput, SharedMemoryRef
 from service.state import ServiceState
+from tests.service.engine.regions_support import Region
+from tests.service.engine.support import hosting
 from tests.service.support import metric, serving, settings
 
 pytestmark = pytest.mark.anyio
@@ -304,3 +309,56 @@ async def test_the_triton_model_config_describes_samples_and_the_batch_limit() -
     assert config["input"] == [{"name": "input", "data_type": "TYPE_FP16", "dims": [-1, DIM]}]
     assert config["output"][0]["name"] == "output"
     assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 2000}
+
+
+class MemfdRegions(FakeRegions):
+    """FakeRegions whose spans lie in memfd regions an engine process can map (``regions_support.Region``)."""
+
+    def __init__(self, **regions: int) -> None:
+        self.memfd = {name: Region(size) for name, size in regions.items()}
+        self.regions = {name: region.mapping for name, region in self.memfd.items()}  # type: ignore[misc]
+
+    def input_span(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Span:
+        return Span(self.input_array(ref, dtype, shape), self.memfd[ref.region], ref.offset)
+
+    def output_span(self, ref: SharedMemoryRef, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Span:
+        return Span(self.output_array(ref, dtype, shape), self.memfd[ref.region], ref.offset)
+
+
+async def test_with_an_engine_process_that_checks_direct_inputs_the_worker_never_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Direct jobs on a real engine-process connection: NaN/Inf refused by the engine process with the host check's
+    message, finite ones answered, and this worker's ``all_finite`` never called for them (the copied path still
+    calls it)."""
+    calls: list[tuple[int, ...]] = []
+    host_check = dataplane.all_finite
+
+    def counted(x: np.ndarray) -> bool:
+        calls.append(x.shape)
+        return host_check(x)
+
+    monkeypatch.setattr(dataplane, "all_finite", counted)
+    x = sample(7, 2, 4, DIM)
+    regions = MemfdRegions(inputs=4096, outputs=4096)
+    inputs = regions.regions["inputs"]
+    message = "inputs must be finite numbers within the model's dtype (float32)"
+    with hosting(FakeEngine()) as host, contextlib.closing(RemotePool(host.path)) as pool:
+        assert pool.checks_finite
+        async with running(pool) as state:  # type: ignore[arg-type]
+            inputs[64 : 64 + x.nbytes] = x.tobytes()
+            await answer(state, shm_request(x, "FP32", 256), regions)
+            written = np.frombuffer(regions.regions["outputs"], np.float32, x.size, offset=256).reshape(x.shape)
+            np.testing.assert_allclose(written, expected(x), rtol=1e-6)
+            for bad in (np.nan, np.inf):
+                spoiled = x.copy()
+                spoiled[1, 3, 2] = bad
+                inputs[64 : 64 + x.nbytes] = spoiled.tobytes()
+                with pytest.raises(InvalidInput, match=re.escape(message)):
+                    await answer(state, shm_request(x, "FP32", 256), regions)
+            assert calls == []  # the direct requests: never read by this worker
+            with pytest.raises(InvalidInput, match=re.escape(message)):
+                await answer(state, shm_request(x, "FP32", None), regions)  # the answer in the body: copied
+            assert calls == [x.shape]  # ... and checked here, as before
+            page = state.metrics.render().decode()
+    assert metric(page, "encoder_shm_requests_total", path="direct") == 1  # counted once answered
