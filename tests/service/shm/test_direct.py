@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,89 @@ def test_a_worker_killed_holding_regions_leaves_none_mapped_in_the_engine_proces
         assert engine.is_running()
         assert httpx.post(f"{url}/v2/models/encoder/infer", json=body, timeout=30).status_code == 200
         np.testing.assert_allclose(obj.array(np.float32, x.shape, 2048), fake_output(x), rtol=1e-6)
+
+
+def test_non_finite_direct_inputs_get_422_and_invalid_argument_while_their_batch_mates_are_answered(
+    tmp_path: Path, objects: list[ShmObject]
+) -> None:
+    """The engine process refuses a NaN and an Inf it read from the client's region with the host check's message
+    (REST 422, gRPC INVALID_ARGUMENT); requests sent while a first one computes (the fake engine takes 400 ms per
+    batch) queue in the engine process and usually run as one batch there, and the finite one gets /encode's answer;
+    the copied path still refuses on the host. That the requests of one engine batch are refused or answered each
+    on its own is shown without timing in tests/service/engine/test_finite_checks.py."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from tests.service.server_support import free_port
+
+    message = "inputs must be finite numbers within the model's dtype (float32)"
+    rng = np.random.default_rng(8)
+    xs = [rng.standard_normal((2, 6, DIM)).astype(np.float32) for _ in range(5)]
+    xs[1][1, 2, 3] = np.nan
+    xs[2][0, 5, 7] = -np.inf
+    grpc_port = free_port()
+    args = fake_server_args(*ENGINE, "--fake-delay-ms", "400", "--grpc-port", str(grpc_port))
+    with running_process(args, tmp_path / "server.log") as (url, _):
+        objects += [ShmObject(1 << 14), ShmObject(1 << 14)]
+        inputs, outputs = objects
+        row = xs[0].nbytes
+        with httpx.Client(base_url=url, timeout=30) as client:
+            register(client, "in", inputs)
+            register(client, "out", outputs)
+            for i, x in enumerate(xs):
+                inputs.write(x, offset=i * row)
+
+            def post(i: int) -> httpx.Response:
+                body = infer_body(xs[i], "in", "out")
+                body["inputs"][0]["parameters"]["shared_memory_offset"] = i * row
+                body["outputs"][0]["parameters"]["shared_memory_offset"] = i * row
+                with httpx.Client(base_url=url, timeout=30) as own:
+                    return own.post("/v2/models/encoder/infer", json=body)
+
+            def engine_batches() -> tuple[float, float]:
+                page = httpx.get(f"{url}/metrics", timeout=10).text
+                return metric(page, "encoder_batch_size_count"), metric(page, "encoder_batch_size_sum")
+
+            with ThreadPoolExecutor(8) as pool:
+                # Every engine connection of every worker registers the regions now (a REGISTER waits for its reply,
+                # which a computing engine process sends only after its batch): later frames then queue at once.
+                for _ in range(3):
+                    assert all(r.status_code == 200 for r in pool.map(post, [0, 3, 4, 0, 3, 4, 0, 3]))
+                before = engine_batches()
+                first = pool.submit(post, 0)
+                time.sleep(0.15)  # computing now: what follows queues behind it
+                rest = [pool.submit(post, i) for i in (1, 2, 3)]
+                responses = [first.result(), *(f.result() for f in rest)]
+            after = engine_batches()
+            assert after[1] - before[1] == 8 and after[0] - before[0] <= 3  # the later ones (mostly) merged
+            for i, response in zip((0, 1, 2, 3), responses, strict=True):
+                if i in (1, 2):
+                    assert response.status_code == 422, response.text
+                    assert response.json() == {"error": message}
+                else:
+                    assert response.status_code == 200, response.text
+                    answer = outputs.array(np.float32, xs[i].shape, offset=i * row).copy()
+                    np.testing.assert_array_equal(answer, encode(url, xs[i]))
+            assert shm_paths(url) == {"direct": 24 + 2, "copied": 0}  # the refused ones are not counted
+            grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+            try:
+                for i in (1, 2, 4):
+                    tensor = grpcclient.InferInput("input", list(xs[i].shape), "FP32")
+                    tensor.set_shared_memory("in", row, offset=i * row)
+                    wanted = grpcclient.InferRequestedOutput("output")
+                    wanted.set_shared_memory("out", row, offset=i * row)
+                    if i == 4:
+                        grpc.infer("encoder", [tensor], outputs=[wanted])
+                        answer = outputs.array(np.float32, xs[i].shape, offset=i * row).copy()
+                        np.testing.assert_array_equal(answer, encode(url, xs[i]))
+                        continue
+                    with pytest.raises(InferenceServerException) as raised:
+                        grpc.infer("encoder", [tensor], outputs=[wanted])
+                    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+                    assert message in raised.value.message()
+            finally:
+                grpc.close()
+            body = infer_body(xs[1], "in", None)  # the answer in the body: the copied path
+            body["inputs"][0]["parameters"]["shared_memory_offset"] = row
+            copied = client.post("/v2/models/encoder/infer", json=body)
+            assert copied.status_code == 422 and copied.json() == {"error": message}
