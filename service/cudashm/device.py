@@ -20,10 +20,7 @@ import numpy as np
 from service.errors import InvalidInput
 
 HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t): CUDA_IPC_HANDLE_SIZE
-# No cudaIpcMemLazyEnablePeerAccess: with it, a handle of another GPU's memory opens through peer access and
-# cudaPointerGetAttributes / cuPointerGetAttribute(DEVICE_ORDINAL) then name the importing device, so nothing
-# tells a wrong device id (two H200s, CUDA 13, 2026-11-30). Without it such a handle fails to open (invalid value).
-_OPEN_FLAGS = 0
+_LAZY_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 _H2D, _D2H, _D2D = 1, 2, 3  # cudaMemcpyKind
 _DEVICE_MEMORY = 2  # cudaMemoryTypeDevice
 _ATTRIBUTES_BYTES = 256  # cudaPointerAttributes is 24 bytes (CUDA 12) plus reserved words (13): room for either
@@ -128,12 +125,11 @@ class CudaDeviceMemory:
         pointer = ctypes.c_void_p()
         with self._lock:
             self._use(device)
-            code = self._lib.cudaIpcOpenMemHandle(ctypes.byref(pointer), _IpcHandle.of(handle), _OPEN_FLAGS)
+            code = self._lib.cudaIpcOpenMemHandle(ctypes.byref(pointer), _IpcHandle.of(handle), _LAZY_PEER_ACCESS)
             if code != 0:
                 raise HandleError(
-                    f"the CUDA IPC handle cannot be opened on device {device}: {self._error(code)}; its memory is on "
-                    "another device, or it is stale (its memory was freed or its process exited), or it is not a "
-                    "handle from cudaIpcGetMemHandle"
+                    f"the CUDA IPC handle cannot be opened on device {device}: {self._error(code)}; it is stale (its "
+                    "memory was freed or its process exited) or not a handle from cudaIpcGetMemHandle"
                 )
             address = int(pointer.value or 0)
             try:

@@ -83,15 +83,14 @@ def runtime(stub: StubRuntime) -> CudaDeviceMemory:
     return memory
 
 
-def test_open_passes_the_handle_by_value_without_peer_access_and_checks_the_device() -> None:
+def test_open_passes_the_handle_by_value_with_lazy_peer_access_and_checks_the_device() -> None:
     stub = StubRuntime(devices=2)
     memory = runtime(stub)
     assert memory.device_count() == 2
     handle = bytes(range(64))
     pointer, size = memory.open(handle, 0)
     assert (pointer, size) == (ctypes.addressof(stub.memory), 1024)
-    # flags 0: a handle of another GPU's memory must fail to open (with peer access it opens and looks local)
-    assert ("open", (handle, 0)) in stub.calls and ("set", 0) in stub.calls
+    assert ("open", (handle, 1)) in stub.calls and ("set", 0) in stub.calls
     host = np.arange(8, dtype=np.float32)
     memory.from_host(pointer + 16, host, 0)
     back = np.empty(8, np.float32)
