@@ -20,10 +20,9 @@ from service.api.deps import State
 from service.cudashm import CudaSharedMemory
 from service.errors import BadRequest
 from service.oip.rest import error_response
-from service.oip.shm_rest import read_body
+from service.oip.shm_rest import add_region_routes, read_body
 from service.state import ServiceState
 
-JSON = "application/json"
 router = APIRouter(prefix="/v2/cudasharedmemory", tags=["Open Inference Protocol: CUDA shared memory"])
 
 
@@ -33,14 +32,8 @@ def registry(state: ServiceState) -> CudaSharedMemory:
     return state.cuda_shared_memory
 
 
-@router.get("/status")
-@router.get("/region/{name:path}/status")
-async def status(state: State, name: str | None = None) -> Response:
-    """Every registered region, or the one named (404 when it is not registered)."""
-    try:
-        return Response(orjson.dumps(registry(state).status(name)), media_type=JSON)
-    except Exception as exc:
-        return error_response(exc)
+# Unregistering closes CUDA IPC handles, which takes a while: off the event loop.
+add_region_routes(router, registry, off_loop=True)
 
 
 @router.post("/region/{name:path}/register")
@@ -51,17 +44,6 @@ async def register(name: str, request: Request, state: State) -> Response:
         body = register_body(await read_body(request))
         # Opening a handle (and, the first time, this worker's CUDA context) takes a while: off the event loop.
         await asyncio.to_thread(cuda.register, name, body["raw_handle"], body["device_id"], body["byte_size"])
-    except Exception as exc:
-        return error_response(exc)
-    return Response(status_code=200)
-
-
-@router.post("/unregister")
-@router.post("/region/{name:path}/unregister")
-async def unregister(state: State, name: str | None = None) -> Response:
-    """Unregister the region named, or every region; an unknown name is not an error (as in Triton)."""
-    try:
-        await asyncio.to_thread(registry(state).unregister, name)
     except Exception as exc:
         return error_response(exc)
     return Response(status_code=200)

@@ -10,7 +10,9 @@ of another user 403, a duplicate name or a passed limit 409, a bad range 422). R
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -34,14 +36,44 @@ def registry(state: ServiceState) -> SystemSharedMemory:
     return shm
 
 
-@router.get("/status")
-@router.get("/region/{name:path}/status")
-async def status(state: State, name: str | None = None) -> Response:
-    """Every registered region, or the one named (404 when it is not registered)."""
-    try:
-        return Response(orjson.dumps(registry(state).status(name)), media_type=JSON)
-    except Exception as exc:
-        return error_response(exc)
+class Regions(Protocol):
+    """What the status and unregister routes need of a region registry (system or CUDA)."""
+
+    def status(self, name: str | None = None) -> list[dict[str, Any]]: ...
+
+    def unregister(self, name: str | None = None) -> None: ...
+
+
+def add_region_routes(router: APIRouter, registry: Callable[[ServiceState], Regions], off_loop: bool) -> None:
+    """The status and unregister routes, the same for both kinds of region but for their registry.
+
+    ``off_loop`` unregisters on a worker thread, for registries whose unregister may block (closing CUDA handles).
+    """
+
+    @router.get("/status")
+    @router.get("/region/{name:path}/status")
+    async def status(state: State, name: str | None = None) -> Response:
+        """Every registered region, or the one named (404 when it is not registered)."""
+        try:
+            return Response(orjson.dumps(registry(state).status(name)), media_type=JSON)
+        except Exception as exc:
+            return error_response(exc)
+
+    @router.post("/unregister")
+    @router.post("/region/{name:path}/unregister")
+    async def unregister(state: State, name: str | None = None) -> Response:
+        """Unregister the region named, or every region; an unknown name is not an error (as in Triton)."""
+        try:
+            if off_loop:
+                await asyncio.to_thread(registry(state).unregister, name)
+            else:
+                registry(state).unregister(name)
+        except Exception as exc:
+            return error_response(exc)
+        return Response(status_code=200)
+
+
+add_region_routes(router, registry, off_loop=False)
 
 
 @router.post("/region/{name:path}/register")
@@ -51,17 +83,6 @@ async def register(name: str, request: Request, state: State) -> Response:
         shm = registry(state)
         body = await register_body(request)
         register_system_region(state, shm, name, body["key"], body.get("offset", 0), body["byte_size"])
-    except Exception as exc:
-        return error_response(exc)
-    return Response(status_code=200)
-
-
-@router.post("/unregister")
-@router.post("/region/{name:path}/unregister")
-async def unregister(state: State, name: str | None = None) -> Response:
-    """Unregister the region named, or every region; an unknown name is not an error (as in Triton)."""
-    try:
-        registry(state).unregister(name)
     except Exception as exc:
         return error_response(exc)
     return Response(status_code=200)
