@@ -24,6 +24,7 @@ from converter.finite import finite_rows
 from service.engine import ipc
 from service.engine.base import EngineGone, EngineUnreached, EngineUnrecoverable
 from service.engine.cuda_regions import INVALID, KIND_CUDA, DeviceRegion
+from service.engine.device_merge import DeviceMerger, DevicePart
 from service.engine.direct import DirectJob, HostRegion, SharedRegions
 from service.engine.regions import RegionRefused
 from service.errors import InvalidInput, non_finite
@@ -324,16 +325,56 @@ class RemoteEngine:
         another, device to device in the engine process (each region registered on this connection at its first
         use, by its IPC handle); the engine seconds. RegionRefused when the engine process refused a region
         (then the caller copies instead); InvalidInput for an input the model cannot take."""
-        with self._locked():
-            source_id, target_id = self._share_device(source[0]), self._share_device(target[0])
-            if source_id is None or target_id is None:
-                raise RegionRefused("the engine process does not serve this CUDA region directly")
+        answer = self.run_devices(seq, [DevicePart(source, target, rows)])[0]
+        if isinstance(answer, Exception):
             try:
-                return self._exchange(seq, [(rows, source_id, source[1], target_id, target[1])])
-            except RuntimeError as exc:  # FAILED: the engine process refused this batch's contents
-                if INVALID in str(exc):
-                    raise InvalidInput(str(exc).split(INVALID, 1)[1].strip()) from None
-                raise
+                raise answer
+            finally:
+                del answer  # no cycle through the traceback: the regions go (and are unregistered) when dropped
+        return answer
+
+    def run_devices(self, seq: int, parts: Sequence[DevicePart]) -> list[float | Exception]:
+        """Several requests' tensors (same ``seq``) from client CUDA regions in one batch frame: per part, the
+        engine seconds of the frame or the part's own error (RegionRefused, InvalidInput). An error of the
+        connection or the engine process is raised (it concerns every part). One part's invalid values refuse
+        the whole frame in the engine process, so a refused frame of several parts is sent again part by part:
+        a request never fails for another's input."""
+        with self._locked():
+            answers: list[float | Exception] = [RegionRefused("unsent")] * len(parts)
+            specs: list[ipc.Part] = []
+            sent: list[int] = []
+            for index, part in enumerate(parts):
+                source_id, target_id = self._share_device(part.source[0]), self._share_device(part.target[0])
+                if source_id is None or target_id is None:
+                    answers[index] = RegionRefused("the engine process does not serve this CUDA region directly")
+                    continue
+                specs.append((part.rows, source_id, part.source[1], target_id, part.target[1]))
+                sent.append(index)
+            if len(specs) > 1:
+                try:
+                    compute_s = self._exchange(seq, specs)
+                except (NonFinite, RuntimeError) as exc:
+                    if not isinstance(exc, NonFinite) and INVALID not in str(exc):
+                        raise
+                    for index, spec in zip(sent, specs, strict=True):  # rare: find whose input it was
+                        answers[index] = self._device_frame(seq, spec)
+                    return answers
+                for index in sent:
+                    answers[index] = compute_s
+            elif specs:
+                answers[sent[0]] = self._device_frame(seq, specs[0])
+            return answers
+
+    def _device_frame(self, seq: int, spec: ipc.Part) -> float | Exception:
+        """One part's frame (lock held): its engine seconds, or InvalidInput for values the model cannot take."""
+        try:
+            return self._exchange(seq, [spec])
+        except NonFinite as exc:
+            return InvalidInput(exc.message)
+        except RuntimeError as exc:  # FAILED: the engine process refused this batch's contents
+            if INVALID in str(exc):
+                return InvalidInput(str(exc).split(INVALID, 1)[1].strip())
+            raise
 
     def _share_device(self, region: DeviceRegion) -> int | None:
         """:meth:`_share` for a CUDA region: the frame carries its IPC handle, no descriptor."""
@@ -430,6 +471,8 @@ class RemotePool:
         self.checks_finite = first.checks_finite
         self.fixed_shapes = False
         self.concurrency = connections  # read by the batcher: batches in flight at once
+        # Device-to-device requests skip the batcher: merged here, one frame per connection in flight.
+        self.device_merger = DeviceMerger(self._run_devices, connections, max(self.buckets))
 
     def input_buffer(self, batch: int, seq: int) -> np.ndarray:
         # An idle connection's arena first: the batch runs on the connection that holds it.
@@ -466,9 +509,13 @@ class RemotePool:
     def run_device(
         self, source: tuple[DeviceRegion, int], target: tuple[DeviceRegion, int], rows: int, seq: int
     ) -> float:
-        """See :meth:`RemoteEngine.run_device`: on an idle connection."""
+        """See :meth:`RemoteEngine.run_device`: merged with this worker's other waiting device requests (see
+        :mod:`service.engine.device_merge`) into one frame on an idle connection."""
+        return self.device_merger.run(DevicePart(source, target, rows), seq)
+
+    def _run_devices(self, seq: int, parts: Sequence[DevicePart]) -> list[float | Exception]:
         idle = next((c for c in self.channels if not c.busy), self.channels[0])
-        return idle.run_device(source, target, rows, seq)
+        return idle.run_devices(seq, parts)
 
     def warmup(self) -> None:
         """Nothing to do: the engine process warmed up before it accepted workers."""
