@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -295,28 +295,14 @@ class RemoteEngine:
     def _share(self, region: HostRegion) -> int | None:
         """This connection's id of ``region``, registered with the engine process at its first use; None when the
         engine process refused it (then it is offered again only after REFUSED_RETRY_S)."""
-        region_id = self._shared.get(region)
-        if region_id is not None:
-            return region_id
-        if time.monotonic() < self._refused.get(id(region), 0.0):
-            return None
-        region_id = self._shared.reserve()
-        self._sequence = (self._sequence + 1) & 0xFFFFFFFF
-        frame = ipc.register_frame(self._sequence, region_id, ipc.KIND_SYSTEM, region.offset, region.byte_size)
-        try:
+
+        def send(region_id: int) -> None:
+            frame = ipc.register_frame(self._sequence, region_id, ipc.KIND_SYSTEM, region.offset, region.byte_size)
             sent = socket.send_fds(self._sock, [frame], [region.fd])  # type: ignore[arg-type]
             if sent < len(frame):
                 self._sock.sendall(frame[sent:])
-        except OSError as exc:
-            raise EngineUnreached(f"the engine process is gone: {exc}") from exc
-        status, message, _ = self._reply()
-        if status != ipc.OK:
-            log.warning("the engine process serves a shared-memory region by copying: %s", message)
-            self._refused = {k: t for k, t in self._refused.items() if t > time.monotonic()}
-            self._refused[id(region)] = time.monotonic() + REFUSED_RETRY_S
-            return None
-        self._shared.add(region, region_id, self._forget)
-        return region_id
+
+        return self._register(region, send, "a shared-memory region")
 
     def run_device(
         self, source: tuple[DeviceRegion, int], target: tuple[DeviceRegion, int], rows: int, seq: int
@@ -378,6 +364,15 @@ class RemoteEngine:
 
     def _share_device(self, region: DeviceRegion) -> int | None:
         """:meth:`_share` for a CUDA region: the frame carries its IPC handle, no descriptor."""
+
+        def send(region_id: int) -> None:
+            frame = ipc.register_frame(self._sequence, region_id, KIND_CUDA, 0, region.byte_size, region.handle)
+            self._sock.sendall(frame)
+
+        return self._register(region, send, "a CUDA region")
+
+    def _register(self, region: HostRegion | DeviceRegion, send: Callable[[int], None], what: str) -> int | None:
+        """:meth:`_share`'s work for either kind of region; ``send(region_id)`` sends its REGISTER frame."""
         region_id = self._shared.get(region)  # type: ignore[arg-type]  # any weak-referenceable region works
         if region_id is not None:
             return region_id
@@ -385,14 +380,13 @@ class RemoteEngine:
             return None
         region_id = self._shared.reserve()
         self._sequence = (self._sequence + 1) & 0xFFFFFFFF
-        frame = ipc.register_frame(self._sequence, region_id, KIND_CUDA, 0, region.byte_size, region.handle)
         try:
-            self._sock.sendall(frame)
+            send(region_id)
         except OSError as exc:
             raise EngineUnreached(f"the engine process is gone: {exc}") from exc
         status, message, _ = self._reply()
         if status != ipc.OK:
-            log.warning("the engine process serves a CUDA region by copying: %s", message)
+            log.warning("the engine process serves %s by copying: %s", what, message)
             self._refused = {k: t for k, t in self._refused.items() if t > time.monotonic()}
             self._refused[id(region)] = time.monotonic() + REFUSED_RETRY_S
             return None
