@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from service.cudashm.device import HANDLE_BYTES, DeviceMemory, WrongDevice
-from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound
+from service.errors import Conflict, InvalidInput, LimitExceeded
 from service.oip.types import SharedMemoryRef
 from service.shm.records import RecordDir
 from service.shm.registry import _check_ref, _count, check_name
@@ -218,12 +218,7 @@ class CudaSharedMemory:
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
         """Triton's status entries: every region, or the one named (NotFound when it is not registered)."""
         self._sweep()
-        if name is None:
-            return [r.status() for r in self.records.all()]
-        record = self.records.read(name)
-        if record is None:
-            raise NotFound(f"no CUDA shared-memory region {name!r} is registered")
-        return [record.status()]
+        return self.records.status(name, "CUDA shared-memory region")
 
     # -- the data plane ---------------------------------------------------------------------------------------
 

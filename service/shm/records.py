@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from service.errors import NotFound
+
 _PREFIX = "region-"
 _LOCK = ".lock"
 
@@ -63,12 +65,14 @@ def entry_name(name: str) -> str:
 
 
 class Stored(Protocol):
-    """What the directory stores: a named record that encodes to text and back."""
+    """What the directory stores: a named record that encodes to text and back, and its Triton status entry."""
 
     @property
     def name(self) -> str: ...
 
     def encode(self) -> str: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 R = TypeVar("R", bound=Stored)
@@ -112,6 +116,15 @@ class RecordDir(Generic[R]):
         except FileNotFoundError:
             return False
         return True
+
+    def status(self, name: str | None, what: str) -> list[dict[str, Any]]:
+        """Triton's status entries: every record, or the one named (NotFound, naming ``what``, when it is not)."""
+        if name is None:
+            return [r.status() for r in self.all()]
+        record = self.read(name)
+        if record is None:
+            raise NotFound(f"no {what} {name!r} is registered")
+        return [record.status()]
 
     def all(self) -> list[R]:
         """Every registered region, by name."""

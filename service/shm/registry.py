@@ -165,12 +165,7 @@ class SystemSharedMemory:
     def status(self, name: str | None = None) -> list[dict[str, Any]]:
         """Triton's status entries: every region, or the one named (NotFound when it is not registered)."""
         self._sweep()
-        if name is None:
-            return [r.status() for r in self.records.all()]
-        record = self.records.read(name)
-        if record is None:
-            raise NotFound(f"no shared-memory region {name!r} is registered")
-        return [record.status()]
+        return self.records.status(name, "shared-memory region")
 
     # -- the data plane's views -------------------------------------------------------------------------------
 
