@@ -17,7 +17,6 @@ error) answers BROKEN to the batches it broke and GONE to every other waiting on
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
 import contextlib
 import logging
@@ -28,294 +27,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from converter.device_rows import DeviceRows, Placed
-from converter.finite import finite_rows
-from service.batching.batcher import pad_size, run_batch
 from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
 from service.engine import ipc
 from service.engine.base import Engine, EngineUnrecoverable
-from service.engine.cuda_regions import INVALID, KIND_CUDA, CudaRegion, CudaRegionTable
-from service.engine.regions import ClientRegion, RegionRefused, RegionTable
+from service.engine.connection import WorkerConnection
+from service.engine.cuda_regions import CudaRegion, CudaRegionTable
+from service.engine.jobs import DeviceFinite, Job, read_job, refused_parts, run_parts
+from service.engine.regions import ClientRegion, RegionTable
 from service.errors import non_finite
 
 log = logging.getLogger(__name__)
-Answer = tuple[int, str, float, float]  # status, message, engine seconds, seconds queued here
 HANDSHAKE_TIMEOUT_S = 10.0
-READ_BYTES = 1 << 16
-MAX_QUEUED_FDS = 8  # descriptors received ahead of their REGISTER frames; more is a protocol error
-_FD_SPACE = socket.CMSG_SPACE(MAX_QUEUED_FDS * array.array("i").itemsize)
-
-
-@dataclass(eq=False)
-class _Job:
-    """One worker batch: its parts (in the worker's arena or in client regions) and where each answer goes."""
-
-    worker: _Worker
-    sequence: int
-    parts: list[Placed]
-    outs: list[Placed]
-    samples: int
-    seq: int
-    arrived: float
-    held: list[ClientRegion | CudaRegion] = field(default_factory=list)  # client regions it uses, until done
-    # Per part: read from a system client region (the direct path), so no worker checked its values: this process
-    # does, on the batch (CUDA regions' inputs are checked when the frame is read, see _check_finite).
-    checked: list[bool] = field(default_factory=list)
-
-
-class _Worker:
-    """One attached worker's connection: frames in, answer frames out, all on the event loop.
-
-    No stream reader or coroutine per worker: each request is parsed as it is read and queued without a future or
-    task of its own (a round trip took 49 instead of 73 us of this process's CPU than with streams). The socket is
-    read with ``recvmsg`` rather than through an asyncio transport because REGISTER frames carry descriptors.
-    """
-
-    def __init__(self, host: EngineHost, sock: socket.socket, arena: ipc.Arena, hello: dict[str, Any]) -> None:
-        self.host, self.sock, self.arena, self.hello = host, sock, arena, hello
-        self.regions: dict[int, ClientRegion | CudaRegion] = {}  # this connection's region ids
-        self.closed = False
-        self._loop = asyncio.get_running_loop()
-        self._in = bytearray()
-        self._out = bytearray()
-        self._fds: deque[int] = deque()
-        self._holding = False  # a REGISTER is being answered: later frames wait in the socket
-
-    def start(self) -> None:
-        self._loop.add_reader(self.sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data, ancillary, flags, _ = self.sock.recvmsg(READ_BYTES, _FD_SPACE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.close(f"read failed: {exc}")
-            return
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self._fds.extend(fds)
-        if flags & socket.MSG_CTRUNC or len(self._fds) > MAX_QUEUED_FDS:
-            self.close("protocol error: descriptors without their frames")
-            return
-        if not data:
-            self.close(None)
-            return
-        self._in += data
-        self._parse()
-
-    def _parse(self) -> None:
-        while not self._holding and not self.closed and len(self._in) >= ipc.HEADER.size:
-            kind, sequence, length = ipc.HEADER.unpack_from(self._in)
-            end = ipc.HEADER.size + length
-            if length > ipc.MAX_BODY:
-                self.close(f"protocol error: a frame of {length} bytes")
-                return
-            if len(self._in) < end:
-                return
-            body = bytes(self._in[ipc.HEADER.size : end])
-            del self._in[:end]
-            if kind == ipc.BATCH:
-                self.host.request(self, sequence, body)
-            elif kind == ipc.REGISTER:
-                self._register(sequence, body)
-            elif kind == ipc.UNREGISTER and len(body) == ipc.UNREGISTER_BODY.size:
-                region = self.regions.pop(ipc.UNREGISTER_BODY.unpack(body)[0], None)
-                if region is not None:  # an unknown id is no error: unregistering is idempotent
-                    self.host.release(region)
-            else:
-                self.close(f"protocol error: frame kind {kind} of {length} bytes")
-
-    def view(self, region: int, offset: int, shape: tuple[int, int, int], dtype: np.dtype[Any]) -> Placed:
-        """A checked view of ``region`` (0: the arena); ValueError for an unknown region or a range past it."""
-        if region == ipc.ARENA:
-            return self.arena.view(offset, shape, dtype)
-        found = self.regions.get(region)
-        if found is None:
-            raise ValueError(f"unknown shared-memory region id {region}")
-        return found.view(offset, shape, dtype)
-
-    # --- client regions --------------------------------------------------------------------------------------
-
-    def _register(self, sequence: int, body: bytes) -> None:
-        """Map a client region (see :mod:`service.engine.regions`); the reply says whether it may be used."""
-        if len(body) >= ipc.REGISTER_HEAD.size and body[4] == KIND_CUDA:  # the kind byte: no descriptor comes
-            self._register_cuda(sequence, body)
-            return
-        fd = self._fds.popleft() if self._fds else -1
-        table = self.host.regions
-        try:
-            if len(body) < ipc.REGISTER_HEAD.size:
-                raise RegionRefused(f"a register frame of {len(body)} bytes is too short")
-            region_id, kind, offset, byte_size = ipc.REGISTER_HEAD.unpack_from(body)
-            if kind != ipc.KIND_SYSTEM:
-                raise RegionRefused(f"shared-memory region kind {kind} is not supported")
-            if fd < 0:
-                raise RegionRefused("a system shared-memory region comes with its descriptor")
-            if region_id == ipc.ARENA or region_id in self.regions:
-                raise RegionRefused(f"region id {region_id} is already in use on this connection")
-            key = table.identify(fd, offset, byte_size)
-            found = table.find(key)
-            if found is None:
-                table.check_room(byte_size)
-        except (RegionRefused, OSError) as exc:
-            self._close_fd(fd)
-            self.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
-            return
-        if found is not None:
-            self._close_fd(fd)
-            self._registered(sequence, region_id, found)
-            return
-        # Mapping and page-locking a large region is slow: on a thread, this connection paused meanwhile.
-        self._holding = True
-        self._loop.remove_reader(self.sock.fileno())
-        opening = asyncio.ensure_future(asyncio.to_thread(table.open, key, fd, offset, byte_size))
-        opening.add_done_callback(lambda done: self._opened(sequence, region_id, fd, done))
-
-    def _opened(self, sequence: int, region_id: int, fd: int, opening: asyncio.Future[ClientRegion]) -> None:
-        self._close_fd(fd)
-        if opening.cancelled():
-            return  # the loop is ending
-        self._holding = False
-        exc = opening.exception()
-        if exc is not None:
-            if not isinstance(exc, RegionRefused):
-                log.warning("mapping a shared-memory region failed", exc_info=exc)
-            self.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
-        else:
-            region = self.host.regions.install(opening.result())
-            if self.closed:
-                self.host.regions.release(region)
-                return
-            self._registered(sequence, region_id, region)
-        if not self.closed:
-            self.start()
-            self._parse()
-
-    def _register_cuda(self, sequence: int, body: bytes) -> None:
-        """Open a client's CUDA region from the IPC handle after the frame's head (see
-        :mod:`service.engine.cuda_regions`); quick enough for the event loop (one driver call, once per region)."""
-        region_id, _, _, byte_size = ipc.REGISTER_HEAD.unpack_from(body)
-        table = self.host.cuda_regions
-        try:
-            if table is None:
-                raise RegionRefused("this engine process does not serve CUDA shared memory")
-            if region_id == ipc.ARENA or region_id in self.regions:
-                raise RegionRefused(f"region id {region_id} is already in use on this connection")
-            region = table.open(body[ipc.REGISTER_HEAD.size :], byte_size)
-        except RegionRefused as exc:
-            self.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
-            return
-        self.regions[region_id] = region
-        self.reply(sequence, (ipc.OK, "device", 0.0, 0.0))
-
-    def _registered(self, sequence: int, region_id: int, region: ClientRegion) -> None:
-        self.regions[region_id] = region
-        self.reply(sequence, (ipc.OK, "page-locked" if region.pinned else "", 0.0, 0.0))
-
-    @staticmethod
-    def _close_fd(fd: int) -> None:
-        if fd >= 0:
-            os.close(fd)
-
-    # --- answers and the end ---------------------------------------------------------------------------------
-
-    def reply(self, sequence: int, answer: Answer) -> None:
-        if self.closed:
-            return  # the worker left: nobody waits for this answer
-        status, message, compute_s, wait_s = answer
-        text = message.encode()
-        self._write(ipc.REPLY.pack(sequence, status, len(text), compute_s, wait_s) + text)
-
-    def _write(self, data: bytes) -> None:
-        if self._out:
-            self._out += data
-            return
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self.close(f"write failed: {exc}")
-            return
-        if sent < len(data):
-            self._out += data[sent:]
-            self._loop.add_writer(self.sock.fileno(), self._writable)
-
-    def _writable(self) -> None:
-        try:
-            sent = self.sock.send(self._out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.close(f"write failed: {exc}")
-            return
-        del self._out[:sent]
-        if not self._out:
-            self._loop.remove_writer(self.sock.fileno())
-
-    def close(self, reason: str | None) -> None:
-        """The connection ends (the worker left, a protocol error, or the host stops): forget everything of it."""
-        if self.closed:
-            return
-        self.closed = True
-        if reason is not None:  # a protocol error is a bug somewhere; a peer that vanished is a worker that died
-            level = logging.WARNING if reason.startswith("protocol error") else logging.INFO
-            log.log(level, "closing the connection of worker %s: %s", self.hello.get("pid"), reason)
-        with contextlib.suppress(ValueError, OSError):  # already closed
-            self._loop.remove_reader(self.sock.fileno())
-            self._loop.remove_writer(self.sock.fileno())
-        self.sock.close()
-        while self._fds:
-            self._close_fd(self._fds.popleft())
-        self.host.detach(self)
-
-
-def run_parts(
-    engine: Engine,
-    parts: Sequence[Placed],
-    outs: Sequence[Placed] | None = None,
-    finite: np.ndarray | None = None,
-) -> tuple[int, float]:
-    """Compute ``parts`` as one batch, each answer written into its ``out`` (default: over the part itself);
-    (batch size run, seconds). ``finite`` (one flag per row of the parts) is filled with each row's finiteness:
-    by the engine's ``run_into`` (on the device, where it has one), else on the host before the answers land."""
-    started = time.perf_counter()
-    outs = parts if outs is None else outs
-    if any(isinstance(item, DeviceRows) for item in (*parts, *outs)):  # client CUDA regions: device to device
-        run_device_into = getattr(engine, "run_device_into", None)
-        if run_device_into is None:
-            raise RuntimeError("this engine cannot read device memory (CUDA shared memory needs the CUDA engine)")
-        if finite is not None:  # a rare mix: the host parts checked here, the device ones were when read
-            row = 0
-            for part in parts:
-                if isinstance(part, np.ndarray):
-                    finite[row : row + part.shape[0]] = finite_rows(part)
-                row += int(part.shape[0])
-        return int(run_device_into(parts, outs)), time.perf_counter() - started
-    arrays = [p for p in parts if isinstance(p, np.ndarray)]
-    targets = [o for o in outs if isinstance(o, np.ndarray)]
-    run_into = getattr(engine, "run_into", None)
-    if run_into is not None:  # the ONNX engine copies each part straight to and from the device
-        padded = int(run_into(arrays, targets) if finite is None else run_into(arrays, targets, finite=finite))
-    else:
-        if finite is not None:
-            finite[:] = np.concatenate([finite_rows(part) for part in arrays])
-        samples = sum(int(part.shape[0]) for part in arrays)
-        padded = pad_size(samples, engine.buckets if engine.fixed_shapes else None)
-        answer, _ = run_batch(engine, arrays, padded)
-        offset = 0
-        for out in targets:
-            np.copyto(out, answer[offset : offset + out.shape[0]])
-            offset += out.shape[0]
-    return padded, time.perf_counter() - started
 
 
 class EngineHost:
@@ -337,10 +63,10 @@ class EngineHost:
         register, unregister = getattr(engine, "register_host", None), getattr(engine, "unregister_host", None)
         self.regions = RegionTable(max_regions, max_region_bytes, register, unregister)
         self.cuda_regions = cuda_regions  # client CUDA regions, with --shared-memory cuda
-        self._finite: Any = None  # converter.finite.FiniteCheck on this GPU, made at the first CUDA part
+        self._device_finite = DeviceFinite(engine.dtype)  # inputs in client CUDA regions
         self._observer = SafeObserver(observer or NullObserver())
-        self._jobs: deque[_Job] = deque()
-        self._workers: set[_Worker] = set()
+        self._jobs: deque[Job] = deque()
+        self._workers: set[WorkerConnection] = set()
         self._scheduled = False
         self._dead: asyncio.Future[None] | None = None  # fails with what broke the engine
         self.failure: str | None = None
@@ -427,12 +153,12 @@ class EngineHost:
             conn.close()
             return
         conn.setblocking(False)
-        worker = _Worker(self, conn, arena, hello)
+        worker = WorkerConnection(self, conn, arena, hello)
         self._workers.add(worker)
         worker.start()
         # The handshake's last message goes out only now that this loop reads the connection: a worker whose
         # constructor returned is one whose next frame joins the next batch, never a later one.
-        worker._write(ipc.hello_frame({"registered": hello["registered"]}))
+        worker.write(ipc.hello_frame({"registered": hello["registered"]}))
         log.info(
             "worker %s attached (arena %s MiB, page-locked: %s)",
             hello.get("pid"),
@@ -440,12 +166,12 @@ class EngineHost:
             hello["registered"],
         )
 
-    def detach(self, worker: _Worker) -> None:
+    def detach(self, worker: WorkerConnection) -> None:
         """A worker left: forget its queued batches and its regions, unpin and unmap its arena."""
         if worker not in self._workers:
             return
         self._workers.discard(worker)
-        kept: deque[_Job] = deque()
+        kept: deque[Job] = deque()
         for job in self._jobs:
             if job.worker is worker:
                 self._finish(job)
@@ -461,56 +187,20 @@ class EngineHost:
         worker.arena.close()
         log.info("worker %s detached", worker.hello.get("pid"))
 
-    def request(self, worker: _Worker, sequence: int, body: bytes) -> None:
+    def request(self, worker: WorkerConnection, sequence: int, body: bytes) -> None:
         """One batch frame: refused at once when invalid (that job only), else queued for the next run."""
         if self.failure is not None:
             worker.reply(sequence, (ipc.GONE, self.failure, 0.0, 0.0))
             return
         try:
-            job = self._job(worker, sequence, body)
+            job = read_job(worker, sequence, body, self.engine, self._device_finite)
         except ValueError as exc:
             worker.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
             return
+        for region in job.held:
+            self.retain(region)
         self._jobs.append(job)
         self._run_soon()
-
-    def _job(self, worker: _Worker, sequence: int, body: bytes) -> _Job:
-        """The frame's parts as checked views (never trusting the worker: every range against its region)."""
-        seq, specs = ipc.parse_batch(body)
-        e = self.engine
-        parts: list[Placed] = []
-        outs: list[Placed] = []
-        held: dict[int, ClientRegion | CudaRegion] = {}
-        checked: list[bool] = []
-        for samples, source, source_offset, target, target_offset in specs:
-            if samples < 1 or not 1 <= seq <= e.max_seq_len:
-                raise ValueError(f"invalid batch shape ({samples}, {seq})")
-            shape = (samples, seq, e.dim)
-            parts.append(worker.view(source, source_offset, shape, e.dtype))
-            if isinstance(worker.regions.get(source), CudaRegion):
-                self._check_finite(parts[-1])  # no worker has seen these values: checked where they are
-            outs.append(worker.view(target, target_offset, shape, e.dtype))
-            checked.append(isinstance(worker.regions.get(source), ClientRegion))
-            for region_id in (source, target):
-                if region_id != ipc.ARENA:
-                    held[region_id] = worker.regions[region_id]
-        for region in held.values():
-            self.retain(region)
-        samples = sum(int(part.shape[0]) for part in parts)
-        return _Job(worker, sequence, parts, outs, samples, seq, time.monotonic(), list(held.values()), checked)
-
-    def _check_finite(self, part: Placed) -> None:
-        """ValueError (the client's input, answered 422) when a sample holds a NaN or an infinity."""
-        if isinstance(part, np.ndarray):  # the test-only fake layer: host memory
-            finite = bool(np.isfinite(part).all())
-        else:
-            if self._finite is None:
-                from converter.finite import FiniteCheck
-
-                self._finite = FiniteCheck(self.engine.dtype, "CUDAExecutionProvider", 0)
-            finite = bool(self._finite.device(part.pointer, part.shape).all())
-        if not finite:
-            raise ValueError(f"{INVALID} inputs must be finite numbers within the model's dtype ({part.dtype})")
 
     def retain(self, region: ClientRegion | CudaRegion) -> None:
         if isinstance(region, CudaRegion):
@@ -527,7 +217,7 @@ class EngineHost:
         else:
             self.regions.release(region)
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: Job) -> None:
         """The job is answered or dropped: its views go, then its hold on client regions."""
         job.parts, job.outs = [], []
         for region in job.held:
@@ -539,11 +229,11 @@ class EngineHost:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._run_next)
 
-    def _take(self) -> list[_Job]:
+    def _take(self) -> list[Job]:
         """FIFO jobs of the first job's sequence length, up to ``max_batch_size`` samples (at least one job)."""
         seq = self._jobs[0].seq
-        taken: list[_Job] = []
-        kept: list[_Job] = []
+        taken: list[Job] = []
+        kept: list[Job] = []
         samples = 0
         for job in self._jobs:
             size = job.samples
@@ -589,7 +279,7 @@ class EngineHost:
         else:
             # No queue waits here: the workers record their requests' waits, each request once.
             self._observer.on_batch(BatchStats(samples, padded, seq, compute_s, ()))
-            refused = self._non_finite(batch, finite)
+            refused = refused_parts(batch, finite)
             for job, wait, bad in zip(batch, waits, refused, strict=True):
                 if bad:
                     text = str(non_finite(self.engine.dtype.name))
@@ -600,22 +290,7 @@ class EngineHost:
         if self._jobs:
             self._run_soon()
 
-    @staticmethod
-    def _non_finite(batch: list[_Job], finite: np.ndarray | None) -> list[list[int]]:
-        """Per job, the indices of its checked parts holding a non-finite row (``finite``: the batch's row flags)."""
-        refused: list[list[int]] = []
-        row = 0
-        for job in batch:
-            bad = []
-            for index, (part, checked) in enumerate(zip(job.parts, job.checked, strict=True)):
-                rows = int(part.shape[0])
-                if finite is not None and checked and not finite[row : row + rows].all():
-                    bad.append(index)
-                row += rows
-            refused.append(bad)
-        return refused
-
-    def _break(self, batch: list[_Job], message: str, exc: EngineUnrecoverable) -> None:
+    def _break(self, batch: list[Job], message: str, exc: EngineUnrecoverable) -> None:
         """The engine is broken for good: this batch gets BROKEN, everything queued GONE, and serve() raises."""
         self.failure = message
         self._observer.on_alive(False)

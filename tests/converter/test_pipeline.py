@@ -23,7 +23,7 @@ from converter.pipeline import (
     run_chunks,
 )
 from converter.providers import SessionOptions
-from converter.session import EncoderSession, _GraphSlot
+from converter.session import EncoderSession, GraphSlot
 from converter.verify import TOLERANCE
 from tests.converter.fake_streams import FakeStreams
 
@@ -188,9 +188,9 @@ def fake_device_session(small_bundle: Path, monkeypatch: pytest.MonkeyPatch, cud
     session = EncoderSession(bundle, dataclasses.replace(options, pipeline_min_chunks=2))
     cpu, dim = session.session, session.dim
 
-    def slot(batch: int, graph_id: int) -> _GraphSlot:
+    def slot(batch: int, graph_id: int) -> GraphSlot:
         inp, out = (_Value(np.full((batch, 16, dim), np.nan, np.float32)) for _ in range(2))
-        return _GraphSlot(graph_id, (inp.array, out.array), inp, out, None, done=1000 + graph_id)
+        return GraphSlot(graph_id, (inp.array, out.array), inp, out, None, done=1000 + graph_id)
 
     class FakeOrt:
         def run_with_iobinding(self, binding: tuple[np.ndarray, np.ndarray], run_options: object) -> None:

@@ -11,7 +11,8 @@ import pytest
 from service.batching.observer import BatchStats
 from service.engine.base import EngineUnrecoverable
 from service.engine.fake import FATAL, POISON, FakeEngine, fake_output
-from service.engine.host import EngineHost, run_parts
+from service.engine.host import EngineHost
+from service.engine.jobs import run_parts
 from service.engine.remote import RemoteEngine
 from service.metrics import Metrics
 from tests.service.batching.support import RecordingObserver
