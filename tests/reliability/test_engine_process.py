@@ -237,6 +237,9 @@ def test_a_worker_replaced_while_the_engine_restarts_waits_for_it_and_the_servic
     log = tmp_path / "server.log"
     with service(log, *FLAGS, "--engine-restart-backoff-s", "15") as (url, server):
         assert post(url, sample(1)).status_code == 200
+        # Both workers accept connections first: one still starting when the other is killed would leave none
+        # to answer /readyz below (the test, not the service, would be wrong; seen on a loaded CI machine).
+        wait_until(lambda: log.read_text().count("Application startup complete") == 2, "both workers' start")
         first = workers_of(server)
         assert len(first) == 2
         engine_process(server).kill()
