@@ -11,6 +11,11 @@ propagates NaN, so ``ReduceSum(x - x)`` over (S, D) is exactly 0 for a finite sa
 zeros cannot overflow, in any precision). A two-node ONNX graph run by onnxruntime on the device buffer, B
 numbers back to the host: no host pass over the data. :func:`finite_rows` is the same answer computed on the
 host, for batches that are not on a device (the CPU engine, or a batch that runs without a captured slot).
+
+The engine's own batches need no run of their own: :func:`with_finite_output` adds the same two nodes to the
+model as a second output (:data:`FLAGS_OUTPUT`), so the CUDA session's captured graphs compute the flags with the
+answers and they come back with them (``converter.merged``). :class:`FiniteCheck` remains for inputs checked
+before they reach a batch (client CUDA regions, see ``service.engine.jobs``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
     import onnx
 
 OPSET = 18  # ReduceSum takes its axes as an input from opset 13 on
+FLAGS_OUTPUT = "finite_flags"  # the added output: (B,), 0 for a finite sample, NaN otherwise
 _EXPONENT16 = 0x7C00  # a float16 whose exponent bits are all ones is an Inf or a NaN
 
 
@@ -39,26 +45,61 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
     return np.asarray(np.isfinite(rows).all(axis=1))
 
 
+def _flag_nodes(x: str, y: str, prefix: str, opset: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes (and initializers) computing ``y`` (B,) = ReduceSum(x - x) over axes 1 and 2 of ``x`` (B, S, D)."""
+    from onnx import TensorProto, helper
+
+    diff = f"{prefix}zero_or_nan"
+    if opset < 13:  # axes are an attribute before opset 13
+        reduce = helper.make_node("ReduceSum", [diff], [y], axes=[1, 2], keepdims=0)
+        return [helper.make_node("Sub", [x, x], [diff]), reduce], []
+    axes = helper.make_tensor(f"{prefix}axes", TensorProto.INT64, [2], [1, 2])
+    reduce = helper.make_node("ReduceSum", [diff, axes.name], [y], keepdims=0)
+    return [helper.make_node("Sub", [x, x], [diff]), reduce], [axes]
+
+
+def _element(dtype: np.dtype[Any]) -> int:
+    from onnx import TensorProto
+
+    return {np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.float32): TensorProto.FLOAT}[np.dtype(dtype)]
+
+
 def finite_graph(dtype: np.dtype[Any]) -> onnx.ModelProto:
     """x: (B, S, D) -> y: (B,), 0 where the sample is finite, NaN where it holds an Inf or a NaN."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    element = {np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.float32): TensorProto.FLOAT}[np.dtype(dtype)]
-    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])
+    element = _element(dtype)
+    nodes, initializers = _flag_nodes("x", "y", "", OPSET)
     graph = helper.make_graph(
-        [
-            helper.make_node("Sub", ["x", "x"], ["zero_or_nan"]),
-            helper.make_node("ReduceSum", ["zero_or_nan", "axes"], ["y"], keepdims=0),
-        ],
+        nodes,
         "finite_samples",
         [helper.make_tensor_value_info("x", element, ["batch", "seq", "dim"])],
         [helper.make_tensor_value_info("y", element, ["batch"])],
-        initializer=[axes],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 9  # what onnxruntime 1.2x+ reads; the graph uses nothing newer
     onnx.checker.check_model(model)
+    return model
+
+
+def with_finite_output(model: onnx.ModelProto, input_name: str, dtype: np.dtype[Any]) -> onnx.ModelProto:
+    """``model`` (changed in place and returned) with :data:`FLAGS_OUTPUT`: the per-sample flags of its input.
+
+    Two nodes beside the model's own, reading only its input: no node of the model changes or gains an input, so
+    its outputs are those of the model alone (the tests compare them bit for bit)."""
+    from onnx import helper
+
+    names = {o.name for o in model.graph.output} | {i.name for i in model.graph.initializer}
+    names |= {out for node in model.graph.node for out in node.output}
+    if FLAGS_OUTPUT in names or input_name not in {i.name for i in model.graph.input}:
+        raise ValueError(f"cannot add {FLAGS_OUTPUT!r} for input {input_name!r} to this model")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    nodes, initializers = _flag_nodes(input_name, FLAGS_OUTPUT, f"{FLAGS_OUTPUT}/", opset)
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(initializers)
+    model.graph.output.append(helper.make_tensor_value_info(FLAGS_OUTPUT, _element(dtype), ["batch"]))
     return model
 
 

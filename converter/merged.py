@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from converter.device_rows import DeviceRows, Placed, contiguous, source, target
-from converter.finite import FiniteCheck, finite_rows
-from converter.pinned import D2H, H2D, CudaRuntime, data_ptr
-from converter.pipeline import Check, Slot, assign_slots, chunk_sizes, copy_plan, cross_aliased, pick_chunk, run_chunks
+from converter.finite import finite_rows
+from converter.pinned import D2H, H2D, CudaRuntime, PinnedPool, data_ptr
+from converter.pipeline import Slot, assign_slots, chunk_sizes, copy_plan, cross_aliased, pick_chunk, run_chunks
 from converter.providers import SessionOptions
 
 if TYPE_CHECKING:
@@ -44,7 +44,9 @@ class MergedRuns:
     _cuda: CudaRuntime | None
     _in_stream: int
     _out_stream: int
-    _finite: FiniteCheck | None
+    _pool: PinnedPool | None
+    _flags: np.ndarray | None  # host memory the finiteness flags are copied to (see _flag_buffer)
+    flags_output: str | None
 
     if TYPE_CHECKING:
 
@@ -68,9 +70,10 @@ class MergedRuns:
         Enough rows run as pipelined chunks (:mod:`converter.pipeline`; ``chunk``: None picks by
         ``SessionOptions.pipeline_min_chunks``, 0 forces one serial batch, N forces chunks of N rows).
         ``finite`` (bool, one per row of the concatenated parts) is filled with each row's finiteness: on a captured
-        slot checked on the device input of each chunk (:class:`converter.finite.FiniteCheck`), so the host never
-        reads the inputs for it; else on the host before computing. A non-finite row is computed all the same (its
-        answer is garbage; the others do not depend on it). Returns the batch size that ran, padding included.
+        slot it is an output of the graph itself (:func:`converter.finite.with_finite_output`), copied out with
+        the answers, so the host never reads the inputs for it; else found on the host before computing. A
+        non-finite row is computed all the same (its answer is garbage; the others do not depend on it). Returns
+        the batch size that ran, padding included.
         """
         if not parts or len(parts) != len(outs):
             raise ValueError(f"run_into needs one out per part, got {len(parts)} parts and {len(outs)} outs")
@@ -98,6 +101,9 @@ class MergedRuns:
         ins, ats, sizes = [data_ptr(p) for p in parts], [data_ptr(o) for o in outs], [p.nbytes for p in parts]
         if chunk and cross_aliased(list(zip(ins, sizes, strict=True)), list(zip(ats, sizes, strict=True))):
             chunk = 0  # an answer could overwrite input rows not yet copied in: copy every input in first
+        if finite is not None and self.flags_output is None:  # slots whose graph has no flags: on the host
+            finite[:] = np.concatenate([finite_rows(part) for part in parts])
+            finite = None
         with self._lock:
             return self._run_into_chunks([int(p.shape[0]) for p in parts], (ins, ats), chunk, seq, finite)
 
@@ -191,25 +197,25 @@ class MergedRuns:
         stages = {id(s): self._stage(s) for s in chosen}
         row_bytes = seq * self.dim * self.dtype.itemsize
         streams = (self._in_stream, self._out_stream)
-        check = None if finite is None else self._finite_check(finite, seq)
+        flags = None if finite is None else self._flag_buffer(finite.shape[0])
         plan = copy_plan(part_rows, sizes)
-        run_chunks(self._cuda, streams, [stages[id(s)] for s in chosen], plan, *ptrs, row_bytes, check)
+        where = None if flags is None else (data_ptr(flags), flags.itemsize)
+        run_chunks(self._cuda, streams, [stages[id(s)] for s in chosen], plan, *ptrs, row_bytes, where)
+        if finite is not None and flags is not None:
+            finite[:] = flags[: finite.shape[0]] == 0  # NaN for a sample holding a NaN or an infinity
         return sum(sizes)
 
-    def _finite_check(self, finite: np.ndarray, seq: int) -> Check:
-        """The chunk hook of :func:`run_chunks` that fills ``finite`` from each slot's device input."""
-        if self._finite is None:
-            self._finite = FiniteCheck(self.dtype, self.provider, self.options.device_id)
-
-        def check(slot: Slot, rows: int, first_row: int) -> None:
-            assert self._finite is not None
-            finite[first_row : first_row + rows] = self._finite.device(slot.input, (rows, seq, self.dim))
-
-        return check
+    def _flag_buffer(self, rows: int) -> np.ndarray:
+        """Host memory for ``rows`` finiteness flags (page-locked on the CUDA path), reused by every batch."""
+        if self._flags is None or self._flags.shape[0] < rows:
+            size = max(rows, max(self.options.batch_buckets))
+            self._flags = np.empty(size, self.dtype) if self._pool is None else self._pool.empty((size,), self.dtype)
+        return self._flags
 
     def _stage(self, slot: GraphSlot) -> Slot:
         launch = functools.partial(self.session.run_with_iobinding, slot.binding, slot.run_options)
-        return Slot(slot.input.data_ptr(), slot.output.data_ptr(), slot.done, launch)
+        flags = 0 if slot.flags is None else slot.flags.data_ptr()
+        return Slot(slot.input.data_ptr(), slot.output.data_ptr(), slot.done, launch, flags)
 
     def _slot_holding(self, rows: int, seq: int) -> GraphSlot | None:
         """The captured slot of the smallest batch bucket >= ``rows`` at ``seq``, if any."""

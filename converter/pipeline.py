@@ -118,18 +118,16 @@ class Runtime(Protocol):
     def wait(self, event: int) -> None: ...
 
 
-class Check(Protocol):
-    def __call__(self, slot: Slot, rows: int, first_row: int) -> None: ...
-
-
 @dataclass(frozen=True)
 class Slot:
-    """A captured graph's fixed device buffers, its 'output copied out' event, and how to run it (blocking)."""
+    """A captured graph's fixed device buffers, its 'output copied out' event, and how to run it (blocking).
+    ``flags``: the device address of the graph's per-row finiteness output, 0 when it has none."""
 
     input: int
     output: int
     done: int
     launch: Callable[[], None]
+    flags: int = 0
 
 
 def run_chunks(
@@ -140,7 +138,7 @@ def run_chunks(
     parts: Sequence[int],
     outs: Sequence[int],
     row_bytes: int,
-    check: Check | None = None,
+    flags: tuple[int, int] | None = None,
 ) -> None:
     """Run chunk i on ``slots[i]``: H2D chunk i+1 is queued before chunk i runs, D2H chunk i right after it.
 
@@ -149,11 +147,9 @@ def run_chunks(
     input free for the next copy into it. Before a slot computes again, its previous output must have left the
     device (its ``done`` event). Consecutive chunks need distinct slots.
 
-    ``check(slot, rows, first_row)``, if given, is called once per chunk with its real rows (no padding) and the
-    index of its first row in the concatenated parts, after the chunk's launch and its D2H are queued: its input is
-    on the device (the input stream was synchronised), the next copy into that slot is queued only in a later
-    iteration, and the check overlaps the answer's copy out and the next chunk's copy in. It must return only once
-    it has read the slot's input (the finiteness check copies its flags back, which synchronises).
+    ``flags`` (host address, bytes per flag), if given: each chunk's finiteness flags (its slot's ``flags``, real
+    rows only) are copied out with its answer, to the place of its rows in the concatenated parts; they are there
+    when this returns, like the answers.
     """
     if len(slots) != len(plan):
         raise ValueError(f"{len(plan)} chunks need as many slots, got {len(slots)}")
@@ -180,9 +176,10 @@ def run_chunks(
         for s in plan[i]:
             dst = outs[s.part] + s.part_row * row_bytes
             cuda.copy(dst, slot.output + s.slot_row * row_bytes, s.rows * row_bytes, D2H, out_stream)
+        rows = sum(s.rows for s in plan[i])
+        if flags is not None:  # before the event: the slot's next run waits for these bytes to leave too
+            host, size = flags
+            cuda.copy(host + first_row * size, slot.flags, rows * size, D2H, out_stream)
+        first_row += rows
         cuda.record(slot.done, out_stream)
-        if check is not None:
-            rows = sum(s.rows for s in plan[i])
-            check(slot, rows, first_row)
-            first_row += rows
     cuda.sync(out_stream)

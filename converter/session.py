@@ -27,7 +27,7 @@ import onnxruntime as ort
 from converter.bundle import Bundle
 from converter.devices import cuda_device_count
 from converter.errors import ProviderError
-from converter.finite import FiniteCheck
+from converter.finite import FLAGS_OUTPUT, with_finite_output
 from converter.merged import MergedRuns
 from converter.pinned import D2H, H2D, CudaRuntime, PinnedPool, data_ptr, load_cudart
 from converter.providers import (
@@ -69,6 +69,7 @@ class GraphSlot:
     output: Any
     run_options: Any
     staging: np.ndarray | None = None  # pinned host copy of the input, reused every call
+    flags: Any = None  # device (batch,) finiteness of the input's samples, when the graph computes them
     done: int = 0  # event recorded after this slot's output was copied out (pipelined path)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -93,6 +94,7 @@ class EncoderSession(MergedRuns):
                 ort.preload_dlls()
             except Exception as exc:  # not fatal: the session build below says what really loaded
                 log.warning("onnxruntime.preload_dlls failed: %s", exc)
+        self.flags_output: str | None = None  # set by _build when the graph also outputs finiteness flags
         self.session = self._build(candidates)
         self.provider = check_running_provider(self.options.provider, candidates, self.session.get_providers())
         if self.provider == CPU and any(p in GPU_PROVIDERS for p in candidates):
@@ -104,7 +106,7 @@ class EncoderSession(MergedRuns):
         self._device_type = "cuda"
         self._cuda: CudaRuntime | None = None
         self._pool: PinnedPool | None = None
-        self._finite: FiniteCheck | None = None  # built at the first checked batch on the device
+        self._flags: np.ndarray | None = None
         if self.uses_slots and self.options.host_path == "pinned":
             self._cuda = load_cudart()
         if self._cuda is not None:
@@ -143,12 +145,31 @@ class EncoderSession(MergedRuns):
             self.bundle.max_seq_len,
             fp16=self.bundle.precision == "fp16",
         )
+        if CUDA in candidates and self.options.cuda_graphs:  # the slot path: finiteness flags come with the answers
+            try:
+                flagged = self._with_flags(so)
+                return ort.InferenceSession(flagged, sess_options=so, providers=candidates, provider_options=opts)
+            except Exception as exc:  # still correct without: run_into then checks the inputs on the host
+                log.warning("no finiteness output in the graph (NaN/Inf checked on the host): %s", exc)
+                self.flags_output = None
         try:
             return ort.InferenceSession(
                 str(self.bundle.model_path), sess_options=so, providers=candidates, provider_options=opts
             )
         except Exception as exc:
             raise ProviderError(f"cannot build an onnxruntime session with {candidates}: {exc}") from exc
+
+    def _with_flags(self, so: ort.SessionOptions) -> bytes:
+        """The bundle's model with :data:`converter.finite.FLAGS_OUTPUT` added (see :func:`with_finite_output`)."""
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+
+        proto = onnx.load(str(self.bundle.model_path), load_external_data=False)
+        if any(uses_external_data(t) for t in proto.graph.initializer):  # read where they are, beside the model
+            folder = str(self.bundle.directory)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        self.flags_output = FLAGS_OUTPUT
+        return with_finite_output(proto, self.bundle.input_name, self.dtype).SerializeToString()
 
     def _check(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != 3 or x.shape[2] != self.dim:
@@ -264,11 +285,15 @@ class EncoderSession(MergedRuns):
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(self.bundle.input_name, inp)
         binding.bind_ortvalue_output(self.bundle.output_name, out)
+        flags = None
+        if self.flags_output is not None:
+            flags = ort.OrtValue.ortvalue_from_shape_and_type((batch,), elem, dev, dev_id)
+            binding.bind_ortvalue_output(self.flags_output, flags)
         run_options = ort.RunOptions()
         graph_id = len(self._graphs) + len(self._spares) + 1
         if self.uses_cuda_graphs:
             run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        slot = GraphSlot(graph_id, binding, inp, out, run_options)
+        slot = GraphSlot(graph_id, binding, inp, out, run_options, flags=flags)
         if self._pool is not None and self._cuda is not None:
             slot.staging = self._pool.empty(shape, self.dtype)
             slot.done = self._cuda.event()
@@ -299,15 +324,7 @@ class EncoderSession(MergedRuns):
                 self.run(x)
         if self._pool is not None:
             self._capture_spares(shapes, rng)
-            self._warm_finite_check()
         return shapes
-
-    def _warm_finite_check(self) -> None:
-        """Build the device finiteness check now and run it once on each slot shape, not at the first checked batch."""
-        with self._lock:
-            self._finite = self._finite or FiniteCheck(self.dtype, self.provider, self.options.device_id)
-            for (batch, seq), slot in sorted(self._graphs.items()):
-                self._finite.device(slot.input.data_ptr(), (batch, seq, self.dim))
 
     def _capture_spares(self, shapes: list[tuple[int, int]], rng: np.random.Generator) -> None:
         """Second slots for the chunk shapes of big ``run`` batches and for ``pipeline_chunks`` (run_into)."""
@@ -339,5 +356,6 @@ class EncoderSession(MergedRuns):
             "cuda_graph_shapes": sorted(self._graphs),
             "host_path": "pinned" if self._pool is not None else "pageable",
             "pipelined_chunk_shapes": sorted(self._spares),
+            "finite_flags": "graph output" if self.flags_output else "host",
             "onnxruntime": onnxruntime_version(),
         }

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
-from converter.finite import FiniteCheck
+from converter.bundle import load_bundle
+from converter.finite import FLAGS_OUTPUT, FiniteCheck, finite_rows, with_finite_output
+from converter.providers import CPU
 from service.dataplane import all_finite
 
 
@@ -39,3 +45,29 @@ def test_refuses_what_it_cannot_check() -> None:
         check.host(np.zeros((2, 3, 8), np.float16)[:, :, ::2])
     with pytest.raises(RuntimeError, match="CUDA"):
         check.device(0, (1, 1, 1))
+
+
+def test_the_added_output_leaves_the_models_answers_bit_for_bit_and_flags_each_sample(small_bundle: Path) -> None:
+    """The engine's own batches: the flags as a second output of the served model (what its CUDA session builds)."""
+    bundle = load_bundle(small_bundle)
+    plain = ort.InferenceSession(str(bundle.model_path), providers=[CPU])
+    model = with_finite_output(onnx.load(str(bundle.model_path)), bundle.input_name, np.dtype(bundle.dtype))
+    flagged = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
+    assert [o.name for o in flagged.get_outputs()] == [bundle.output_name, FLAGS_OUTPUT]
+    x = np.random.default_rng(2).standard_normal((5, 16, bundle.dim)).astype(np.float32)
+    x[1, 3, 4], x[3, 15, bundle.dim - 1] = np.nan, -np.inf
+    (want,) = plain.run([bundle.output_name], {bundle.input_name: x})
+    got, flags = flagged.run(None, {bundle.input_name: x})
+    assert got.tobytes() == want.tobytes()
+    assert flags.shape == (5,) and (flags == 0).tolist() == finite_rows(x).tolist() == [True, False, True, False, True]
+    (alone,) = flagged.run([bundle.output_name], {bundle.input_name: x})  # the answers alone, flags not asked for
+    assert alone.tobytes() == want.tobytes()
+
+
+def test_the_output_is_added_once_and_only_for_the_models_input(small_bundle: Path) -> None:
+    bundle = load_bundle(small_bundle)
+    model = with_finite_output(onnx.load(str(bundle.model_path)), bundle.input_name, np.dtype(np.float32))
+    with pytest.raises(ValueError, match="cannot add"):
+        with_finite_output(model, bundle.input_name, np.dtype(np.float32))
+    with pytest.raises(ValueError, match="cannot add"):
+        with_finite_output(onnx.load(str(bundle.model_path)), "not-an-input", np.dtype(np.float32))

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
+from converter import merged
 from converter.bundle import load_bundle
-from converter.finite import FiniteCheck
+from converter.finite import FLAGS_OUTPUT, finite_rows, with_finite_output
 from converter.pinned import D2H, H2D, data_ptr
 from converter.pipeline import (
     Slot,
@@ -22,7 +25,7 @@ from converter.pipeline import (
     pick_chunk,
     run_chunks,
 )
-from converter.providers import SessionOptions
+from converter.providers import CPU, SessionOptions
 from converter.session import EncoderSession, GraphSlot
 from converter.verify import TOLERANCE
 from tests.converter.fake_streams import FakeStreams
@@ -90,17 +93,25 @@ def test_assign_slots_alternates_full_chunks_and_gives_the_tail_its_bucket() -> 
 
 
 class Device:
-    """Two slots per chunk size (and one per other bucket), each a 'graph' computing rows * 2 + 1."""
+    """Two slots per chunk size (and one per other bucket), each a 'graph' computing rows * 2 + 1 and, as a second
+    output, each row's sum of x - x (0 when finite, NaN otherwise: the session's finiteness flags)."""
 
     def __init__(self, cuda: FakeStreams, dim: int) -> None:
         self.cuda, self.dim, self.events = cuda, dim, itertools.count(100)
-        self.buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def slot(self, rows: int) -> Slot:
         inp, out = np.full((rows, self.dim), np.nan), np.full((rows, self.dim), np.nan)
-        launch = functools.partial(self.cuda.launch, inp, out, lambda x: x * 2 + 1)
-        made = Slot(data_ptr(inp), data_ptr(out), next(self.events), launch)
-        self.buffers[id(made)] = (inp, out)
+        flags = np.full(rows, 7.0)  # neither 0 nor NaN: a flag never written would show
+
+        def graph(x: np.ndarray) -> np.ndarray:
+            with np.errstate(invalid="ignore"):  # inf - inf: the NaN wanted
+                flags[:] = (x - x).sum(axis=1)
+            return x * 2 + 1
+
+        launch = functools.partial(self.cuda.launch, inp, out, graph)
+        made = Slot(data_ptr(inp), data_ptr(out), next(self.events), launch, data_ptr(flags))
+        self.buffers[id(made)] = (inp, out, flags)
         return made
 
 
@@ -267,57 +278,73 @@ def test_session_runs_cross_aliased_outs_serially(small_bundle: Path, monkeypatc
 @pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize(("part_rows", "chunk"), [([16, 16, 16, 16], 16), ([5, 11, 7, 9], 8), ([3, 2], 4), ([40], 16)])
-def test_the_chunk_check_reads_each_slot_input_after_its_copy_and_before_the_next_one(
+def test_each_chunks_flags_land_at_its_rows_of_the_batch(
     eager: bool, in_place: bool, part_rows: list[int], chunk: int
 ) -> None:
-    """Lazy copies would still be queued if the check came too early; eager ones would already have overwritten the
-    slot if it came too late: either way it would read rows other than its chunk's."""
+    """Flags copied too late would be the slot's next chunk's (slots alternate); padding rows must not spill over
+    the next chunk's flags; the answers must not change."""
     cuda, dim = FakeStreams(eager=eager), 3
     rng = np.random.default_rng(sum(part_rows) + chunk)
     parts = [rng.standard_normal((n, dim)) for n in part_rows]
-    rows_in = np.concatenate(parts)  # a copy: in place, the answers replace the parts
+    total = sum(part_rows)
+    bad = sorted({int(r) for r in rng.integers(0, total, size=3)})
+    rows_in = np.concatenate(parts)
+    for row in bad:  # spoil rows of the concatenation, each in its part
+        part = int(np.searchsorted(np.cumsum(part_rows), row, side="right"))
+        parts[part][row - sum(part_rows[:part]), row % dim] = np.inf if row % 2 else np.nan
+    rows_in = np.concatenate(parts)
     outs = parts if in_place else [np.full_like(p, np.nan) for p in parts]
     device = Device(cuda, dim)
-    sizes = chunk_sizes(sum(part_rows), chunk, BUCKETS)
+    sizes = chunk_sizes(total, chunk, BUCKETS)
     pair = (device.slot(chunk), device.slot(chunk))
     slots = [pair[which] if size == chunk else device.slot(size) for size, which in assign_slots(sizes, chunk)]
-    seen: list[tuple[int, int]] = []
-
-    def check(slot: Slot, rows: int, first_row: int) -> None:
-        inp, _ = device.buffers[id(slot)]
-        assert not cuda.pending(inp), "checked while a copy into the slot is still queued"
-        np.testing.assert_array_equal(inp[:rows], rows_in[first_row : first_row + rows])
-        seen.append((first_row, rows))
-
+    flags = np.full(total + 8, 5.0)  # room past the rows: nothing may be written there
     plan = copy_plan(part_rows, sizes)
-    run_chunks(cuda, (1, 2), slots, plan, [data_ptr(p) for p in parts], [data_ptr(o) for o in outs], dim * 8, check)
-    assert seen == [(sum(sizes[:i]), sum(s.rows for s in plan[i])) for i in range(len(sizes))]  # each chunk once
-    assert sum(rows for _, rows in seen) == sum(part_rows)  # real rows only, never padding
-    np.testing.assert_array_equal(np.concatenate(outs), rows_in * 2 + 1)  # the check changed nothing
+    ins, ats = [data_ptr(p) for p in parts], [data_ptr(o) for o in outs]
+    run_chunks(cuda, (1, 2), slots, plan, ins, ats, dim * 8, (data_ptr(flags), flags.itemsize))
+    assert all(isinstance(op, int) for queue in cuda.queues.values() for op in queue)  # every copy has run
+    assert np.flatnonzero(np.isnan(flags[:total])).tolist() == bad
+    assert (flags[:total][~np.isnan(flags[:total])] == 0).all() and (flags[total:] == 5.0).all()
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(np.concatenate(outs), rows_in * 2 + 1)
 
 
-class DeviceReader:
-    """The session's device finiteness check on the fake device: the real onnxruntime graph over the slot's memory,
-    refusing to read memory a queued copy still touches."""
+def fake_flags_session(small_bundle: Path, monkeypatch: pytest.MonkeyPatch, cuda: FakeStreams) -> EncoderSession:
+    """:func:`fake_device_session` whose 'graphs' are the bundle's model with the finiteness output added (run on the
+    CPU), each slot with its flags buffer: the engine's wiring of the flags, without a GPU."""
+    session = fake_device_session(small_bundle, monkeypatch, cuda)
+    bundle = session.bundle
+    model = with_finite_output(onnx.load(str(bundle.model_path)), bundle.input_name, session.dtype)
+    flagged = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
 
-    def __init__(self, cuda: FakeStreams) -> None:
-        self.cuda, self.check, self.calls = cuda, FiniteCheck(np.dtype(np.float32)), 0
+    def with_flags(slot: GraphSlot) -> GraphSlot:
+        flags = _Value(np.full(slot.input.array.shape[0], 7.0, np.float32))
 
-    def device(self, ptr: int, shape: tuple[int, int, int]) -> np.ndarray:
-        count = int(np.prod(shape))
-        memory = np.ctypeslib.as_array((ctypes.c_float * count).from_address(ptr))
-        assert not self.cuda.pending(memory), "the finiteness check read a slot whose copy is not done"
-        self.calls += 1
-        return self.check._run("cpu", ptr, shape)
+        def graph(x: np.ndarray) -> np.ndarray:
+            answer, flags.array[:] = flagged.run(None, {bundle.input_name: x})
+            return answer
+
+        return dataclasses.replace(slot, binding=(slot.input.array, slot.output.array, graph), flags=flags)
+
+    class FakeOrt:
+        def run_with_iobinding(self, binding: tuple[np.ndarray, np.ndarray, Any], run_options: object) -> None:
+            cuda.launch(*binding)
+
+    monkeypatch.setattr(session, "session", FakeOrt())
+    monkeypatch.setattr(session, "_graphs", {k: with_flags(v) for k, v in session._graphs.items()})
+    monkeypatch.setattr(session, "_spares", {k: with_flags(v) for k, v in session._spares.items()})
+    monkeypatch.setattr(session, "flags_output", FLAGS_OUTPUT)
+    return session
 
 
 def test_session_run_into_flags_non_finite_rows_from_the_slots(
     small_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The engine process's direct path: flags from the graph's own output, chunk by chunk, never a host read."""
     cuda = FakeStreams()
-    session = fake_device_session(small_bundle, monkeypatch, cuda)
-    reader = DeviceReader(cuda)
-    monkeypatch.setattr(session, "_finite", reader)
+    session = fake_flags_session(small_bundle, monkeypatch, cuda)
+    host_checks: list[int] = []
+    monkeypatch.setattr(merged, "finite_rows", lambda x: host_checks.append(1) or finite_rows(x))
     rng = np.random.default_rng(6)
     parts = [rng.standard_normal((b, 16, session.dim)).astype(np.float32) for b in (1, 3, 2)]
     parts[1][2, 7, 1] = np.nan
@@ -325,14 +352,29 @@ def test_session_run_into_flags_non_finite_rows_from_the_slots(
     expected = cpu_answers(small_bundle, parts)
     tolerance = TOLERANCE[session.bundle.precision]
     for chunk, launches in ((None, 3), (0, 1), (4, 2), (2, 3)):
-        before, outs = reader.calls, [np.full_like(p, np.nan) for p in parts]
+        before, outs = cuda.launches, [np.full_like(p, np.nan) for p in parts]
         flags = np.zeros(6, bool)
         session.run_into(parts, outs, chunk=chunk, finite=flags)
         assert flags.tolist() == [True, True, True, False, False, True]
-        assert reader.calls - before == launches  # once per chunk, on the device, not on the host arrays
+        assert cuda.launches - before == launches and not host_checks  # no run of their own, no host read
         got, want = np.concatenate(outs), np.concatenate(expected)
         np.testing.assert_allclose(got[flags], want[flags], rtol=tolerance, atol=tolerance)  # the others unharmed
     inputs = [p.copy() for p in parts]
     flags = np.zeros(6, bool)
     session.run_into(inputs, inputs, finite=flags)  # in place: the flags are the inputs', not the answers'
     assert flags.tolist() == [True, True, True, False, False, True]
+
+
+def test_slots_without_the_flags_output_flag_rows_on_the_host(
+    small_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose graph lacks the flags output (never built so on the CUDA path, but the guard must hold):
+    the rows are checked on the host before computing, never read from a slot buffer that does not exist."""
+    cuda = FakeStreams()
+    session = fake_device_session(small_bundle, monkeypatch, cuda)
+    assert session.flags_output is None
+    parts = [np.random.default_rng(7).standard_normal((b, 16, session.dim)).astype(np.float32) for b in (2, 3)]
+    parts[1][1, 3, 3] = np.inf
+    flags = np.zeros(5, bool)
+    session.run_into(parts, [p.copy() for p in parts], chunk=2, finite=flags)
+    assert flags.tolist() == [True, True, True, False, True]

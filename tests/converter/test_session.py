@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -7,9 +8,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from converter import merged
 from converter.bundle import load_bundle
 from converter.errors import ProviderError
-from converter.providers import CPU, SessionOptions
+from converter.finite import FLAGS_OUTPUT
+from converter.providers import CPU, CUDA, SessionOptions, cuda_options
 from converter.session import EncoderSession
 from converter.verify import TOLERANCE, rel_l2
 
@@ -162,32 +165,29 @@ def test_run_into_flags_non_finite_rows_on_the_host_path(small_bundle: Path) -> 
 
 
 @pytest.mark.skipif(not gpu_usable(), reason="needs a usable CUDA GPU")
-def test_run_into_on_cuda_flags_non_finite_rows_with_the_device_check_on_the_slots(small_bundle: Path) -> None:
-    """The engine process's direct path on a GPU: flags from FiniteCheck.device on each chunk's slot input."""
+def test_run_into_on_cuda_flags_non_finite_rows_from_the_graphs_own_output(
+    small_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine process's direct path on a GPU: flags computed by the captured graphs, copied out with the answers
+    (no host read of the inputs, no run of their own), and the answers those of the bundle's model as it is."""
     bundle = load_bundle(small_bundle)
     options = SessionOptions(provider="cuda", batch_buckets=(1, 2, 4, 8), seq_lens=(16,), pipeline_chunks=(2,))
     session = EncoderSession(bundle, options)
     session.warmup()
-    check = session._finite
-    assert check is not None and check.on_gpu  # built and run once per slot shape by the warm-up
-    calls: list[tuple[int, tuple[int, int, int]]] = []
-    device = check.device
-
-    def counted(ptr: int, shape: tuple[int, int, int]) -> np.ndarray:
-        calls.append((ptr, shape))
-        return device(ptr, shape)
-
-    check.device = counted  # type: ignore[method-assign]
+    assert session.flags_output == FLAGS_OUTPUT and session.describe()["finite_flags"] == "graph output"
+    monkeypatch.setattr(merged, "finite_rows", None)  # a host check would fail the test
+    cuda = cuda_options(dataclasses.replace(options, cuda_graphs=False))  # the same kernels, no capture
+    plain = ort.InferenceSession(str(bundle.model_path), providers=[CUDA], provider_options=[cuda])  # no flags
+    x = np.random.default_rng(11).standard_normal((8, 16, session.dim)).astype(np.float32)
+    (want,) = plain.run([bundle.output_name], {bundle.input_name: x})
+    assert session.run(x).tobytes() == want.tobytes()  # the captured bucket-8 graph, flags output and all
     parts, wanted = spoiled_parts(session.dim, 9)
     expected = np.concatenate(per_part(session, parts))
-    slot_inputs = {slot.input.data_ptr() for slot in (*session._graphs.values(), *session._spares.values())}
-    for chunk, checks in ((0, 1), (2, 3), (None, 3)):
-        calls.clear()
+    for chunk in (0, 2, None):
         outs = [np.empty_like(part) for part in parts]
         flags = np.zeros(6, bool)
         session.run_into(parts, outs, chunk=chunk, finite=flags)
         assert flags.tolist() == wanted, chunk
-        assert len(calls) == checks and all(ptr in slot_inputs for ptr, _ in calls)  # on the device slots
         got = np.concatenate(outs)
         assert float(np.abs(got[flags] - expected[flags]).max()) < 1e-3  # the finite rows are answered as alone
     # Every fp16/fp32 value kind the host check knows, on the device, one sample per row of a bucket-8 batch.
@@ -197,3 +197,28 @@ def test_run_into_on_cuda_flags_non_finite_rows_with_the_device_check_on_the_slo
     flags = np.zeros(8, bool)
     session.run_into([batch], [np.empty_like(batch)], chunk=0, finite=flags)
     assert flags.tolist() == [True, False, False, False, True, True, True, True]
+
+
+def test_the_cuda_slot_path_builds_the_graph_with_its_finiteness_output(small_bundle: Path) -> None:
+    """What a CUDA session builds (here on whatever provider runs: onnxruntime falls back to the CPU without a GPU)."""
+    session = EncoderSession(load_bundle(small_bundle), SessionOptions(provider="cpu"))
+    assert session.flags_output is None and session.describe()["finite_flags"] == "host"
+    built = session._build([CUDA, CPU])
+    assert session.flags_output == FLAGS_OUTPUT
+    assert [o.name for o in built.get_outputs()] == [session.bundle.output_name, FLAGS_OUTPUT]
+
+
+def test_a_graph_that_cannot_take_the_output_is_built_without_it_loudly(
+    small_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    session = EncoderSession(load_bundle(small_bundle), SessionOptions(provider="cpu"))
+
+    def refuse(so: object) -> bytes:
+        session.flags_output = FLAGS_OUTPUT
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(session, "_with_flags", refuse)
+    with caplog.at_level(logging.WARNING, logger="converter.session"):
+        built = session._build([CUDA, CPU])
+    assert session.flags_output is None and "no such kernel" in caplog.text
+    assert [o.name for o in built.get_outputs()] == [session.bundle.output_name]
