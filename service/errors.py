@@ -6,6 +6,11 @@ codes. Nothing here knows about HTTP or gRPC.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class InvalidInput(Exception):
     """The request body or its headers do not describe a valid input for the loaded model."""
@@ -59,3 +64,18 @@ class BadRequest(InvalidInput):
     """The request is malformed for its protocol (an Open Inference Protocol body that does not follow the
     protocol, a feature this server does not offer): 400, where values the model cannot take are 422. A subclass
     of InvalidInput so an adapter without its own entry still answers 4xx (gRPC: INVALID_ARGUMENT)."""
+
+
+def nearest(table: Mapping[Any, T], exc: BaseException) -> T | None:
+    """The entry of the nearest class in ``exc``'s MRO that ``table`` (error class -> a transport's answer) knows,
+    so a subclass without its own entry is answered as its parent; None when no class in the MRO is known."""
+    for cls in type(exc).__mro__:
+        entry = table.get(cls)
+        if entry is not None:
+            return entry
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """The message an error answer carries, on every transport: the error's text, or its class name without one."""
+    return str(exc) or type(exc).__name__

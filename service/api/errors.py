@@ -27,6 +27,8 @@ from service.errors import (
     NotReady,
     PayloadTooLarge,
     UnsupportedMediaType,
+    describe,
+    nearest,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,13 @@ class ErrorSpec:
     # Connection: close, for errors that come before the body was read. service.api.early adds it to every such
     # answer (and reads off the rest of the body first); stated here too for adapters that answer on their own.
     close: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """The headers this error's answer carries, whatever its body's form (``/encode``'s or the OIP's)."""
+        headers = {"Retry-After": RETRY_AFTER_S} if self.retry_after else {}
+        if self.close:
+            headers["Connection"] = "close"
+        return headers
 
 
 ERRORS: dict[type[Exception], ErrorSpec] = {
@@ -66,10 +75,7 @@ INTERNAL = ErrorSpec(500, "internal_error", "error")
 
 
 def spec_for(exc: BaseException) -> ErrorSpec:
-    for cls in type(exc).__mro__:
-        if cls in ERRORS:
-            return ERRORS[cls]
-    return INTERNAL
+    return nearest(ERRORS, exc) or INTERNAL
 
 
 def error_body(error_type: str, message: str) -> dict[str, dict[str, str]]:
@@ -80,11 +86,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     spec = spec_for(exc)
     if spec is INTERNAL:
         log.error("unexpected error", exc_info=exc)
-    headers = {"Retry-After": RETRY_AFTER_S} if spec.retry_after else {}
-    if spec.close:
-        headers["Connection"] = "close"
-    message = str(exc) or type(exc).__name__
-    return JSONResponse(error_body(spec.type, message), status_code=spec.status, headers=headers)
+    return JSONResponse(error_body(spec.type, describe(exc)), status_code=spec.status, headers=spec.headers())
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:

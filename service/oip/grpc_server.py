@@ -22,10 +22,10 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.cudashm import CudaSharedMemory
 from service.dataplane import admitted
-from service.errors import BadRequest
+from service.errors import BadRequest, describe
 from service.oip import dataplane as oip
 from service.oip import grpc_codec as codec
-from service.oip.grpc_status import NotEnabled, details, status_for
+from service.oip.grpc_status import NotEnabled, status_for
 from service.shm.registry import SystemSharedMemory
 from service.state import ServiceState
 
@@ -44,7 +44,7 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             return await method(self, request, context)
         except Exception as exc:
             spec = status_for(exc)
-            await context.abort(spec.code, details(exc))
+            await context.abort(spec.code, describe(exc))
             raise  # abort raised already; this only tells type checkers that nothing is returned
 
     return wrapper
@@ -111,7 +111,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             spec = status_for(exc)
             outcome = spec.outcome
-            await context.abort(spec.code, details(exc))
+            await context.abort(spec.code, describe(exc))
         finally:
             self._state.metrics.observe_request(outcome, time.perf_counter() - started)
 

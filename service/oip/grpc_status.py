@@ -24,6 +24,7 @@ from service.errors import (
     NotReady,
     PayloadTooLarge,
     UnsupportedMediaType,
+    nearest,
 )
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,8 @@ INTERNAL = StatusSpec(Code.INTERNAL, "error")
 
 def status_for(exc: BaseException) -> StatusSpec:
     """The spec of the nearest known class in ``exc``'s MRO; INTERNAL (logged with its traceback) otherwise."""
-    for cls in type(exc).__mro__:
-        spec = STATUSES.get(cls)
-        if spec is not None:
-            return spec
-    log.error("unexpected error in a gRPC call", exc_info=exc)
-    return INTERNAL
-
-
-def details(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+    spec = nearest(STATUSES, exc)
+    if spec is None:
+        log.error("unexpected error in a gRPC call", exc_info=exc)
+        return INTERNAL
+    return spec

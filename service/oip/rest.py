@@ -20,6 +20,7 @@ from service.api.deps import State
 from service.api.errors import RETRY_AFTER_S, spec_for
 from service.api.serving import counted, read_body_until, until_disconnected
 from service.dataplane import admitted, off_loop_if_large, timeout_s
+from service.errors import describe
 from service.oip import dataplane as oip
 from service.oip import rest_codec as codec
 from service.oip import rest_schemas as schemas
@@ -114,11 +115,8 @@ class PartsResponse(Response):
 def error_response(exc: BaseException) -> Response:
     """The protocol's error answer, with the status, Retry-After and Connection of /encode's for the same error."""
     spec = spec_for(exc)
-    headers = {"Retry-After": RETRY_AFTER_S} if spec.retry_after else {}
-    if spec.close:
-        headers["Connection"] = "close"
-    message = str(exc) or type(exc).__name__
-    return Response(codec.error_body(message), status_code=spec.status, media_type=codec.JSON, headers=headers)
+    body = codec.error_body(describe(exc))
+    return Response(body, status_code=spec.status, media_type=codec.JSON, headers=spec.headers())
 
 
 def _json(answer: Callable[[], Any]) -> Response:
