@@ -255,7 +255,7 @@ class RouterEngine:
         """One tensor from a client CUDA region into another, on the engine process of ``device`` (the GPU the
         memory is on: no other can read it); see :meth:`RemoteEngine.run_device`."""
         with self._lock:
-            index = next((i for i, d in enumerate(self._devices) if d.label == device), None)
+            index = self._index_of(device)
             if index is None:
                 raise RegionRefused(f"no engine process serves device {device}")
             entry = self._devices[index]
@@ -274,6 +274,17 @@ class RouterEngine:
             raise RuntimeError(f"device {device}: {exc}") from exc
         finally:
             self._finished(index, rows)
+
+    def _index_of(self, device: str) -> int | None:
+        """The engine of the GPU a client names (``--devices`` ordinal); with CPU engines (the test-only fake device
+        layer, whose device 0 stands in for a GPU, see :func:`service.cudashm.devices.device_map`) device 0 is the
+        first engine."""
+        labels = [d.label for d in self._devices]
+        if device in labels:
+            return labels.index(device)
+        if device == "0" and not any(label.isdigit() for label in labels):
+            return 0
+        return None
 
     def _finished(self, index: int, samples: int) -> None:
         with self._lock:

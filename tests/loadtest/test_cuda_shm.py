@@ -54,9 +54,9 @@ def test_service_flags_and_the_engine_bar() -> None:
 
 
 @pytest.mark.slow
-def test_the_benchmark_drives_cuda_shared_memory_on_the_fake_layer(small_bundle: Path, tmp_path: Path) -> None:
+def test_the_benchmark_drives_cuda_shared_memory_on_the_fake_layer(small_fp16_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    command = [sys.executable, "loadtest/bench_service.py", "--device", "cpu", "--model-dir", str(small_bundle)]
+    command = [sys.executable, "loadtest/bench_service.py", "--device", "cpu", "--model-dir", str(small_fp16_bundle)]
     command += ["--servers", "service", "--protocols", "cuda-shm,cuda-shm-grpc", "--client-batches", "1,4"]
     command += ["--concurrency", "2", "--batch-inflight-samples", "8", "--duration", "1.5", "--warmup", "0.5"]
     command += ["--workers", "2", "--clients", "1", "--seq", "64", "--out", str(out)]
@@ -68,6 +68,7 @@ def test_the_benchmark_drives_cuda_shared_memory_on_the_fake_layer(small_bundle:
     for p in points.values():
         assert p["errors"] == 0 and p["samples_per_s"] > 0
         assert p["value_checks"]["values_full"] + p["value_checks"]["values_rows"] > 0
+        assert p["shm_paths"]["copied"] == 0 and p["shm_paths"]["direct"] > 0, p["shm_paths"]  # device to device
     assert document["engine_device_only"] is None  # measured on a GPU only
 
 

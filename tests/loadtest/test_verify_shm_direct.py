@@ -9,22 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import SMALL_DIMS, SMALL_MAX_SEQ_LEN
 from tests.service.server_support import REPO, clean_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def small_fp16_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundle") / "small-fp16"
-    dim, heads, ffn = SMALL_DIMS
-    command = [sys.executable, "-m", "converter", "--out", str(out), "--precision", "fp16"]
-    command += ["--dim", str(dim), "--heads", str(heads), "--ffn", str(ffn), "--max-seq-len", str(SMALL_MAX_SEQ_LEN)]
-    command += ["--verify-provider", "cpu", "--log-level", "WARNING"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 def test_the_verification_script_passes_on_the_cpu(small_fp16_bundle: Path, tmp_path: Path) -> None:
