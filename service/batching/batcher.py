@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -146,14 +147,27 @@ class Batcher:
         if self._waiting >= self.config.max_queue:
             raise Overloaded(f"{self._waiting} requests are already waiting (max_queue={self.config.max_queue})")
         items = self._enqueue(x, deadline)
+        failure: Exception | None = None
         try:
             done = await self._wait(items, deadline)
         except asyncio.CancelledError:
             if self._withdraw(items):
                 self._drop(items[0].ticket, "cancelled")
             raise
+        except Exception as exc:
+            failure = exc
         finally:
             self._cancel_unfinished(items)
+        if failure is not None:
+            # Raised with no cycle through its traceback: _wait's frame and this one hold the futures, which hold
+            # the error; ``items`` (maybe a client's shared-memory region, unmapped only once it is garbage) would
+            # then live until a garbage collection, perhaps never in an idle worker.
+            traceback.clear_frames(failure.__traceback__)
+            del items
+            try:
+                raise failure
+            finally:
+                del failure
         if not isinstance(x, np.ndarray):
             output = x.output  # its chunks' answers lie there already, in order
         else:

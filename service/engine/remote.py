@@ -24,7 +24,7 @@ from converter.finite import finite_rows
 from service.engine import ipc
 from service.engine.base import EngineGone, EngineUnreached, EngineUnrecoverable
 from service.engine.cuda_regions import INVALID, KIND_CUDA, DeviceRegion
-from service.engine.device_merge import DeviceMerger, DevicePart
+from service.engine.device_jobs import DeviceJob
 from service.engine.direct import DirectJob, HostRegion, SharedRegions
 from service.engine.regions import RegionRefused
 from service.errors import InvalidInput, non_finite
@@ -34,6 +34,7 @@ MAX_ARENA_BYTES = 256 << 20
 REGIONS = 4  # one batch computing while the answers of up to three earlier ones are still being sent
 REGION_WAIT_S = 5.0  # longest wait for a free region (answers not yet sent hold theirs)
 REFUSED_RETRY_S = 1.0  # a client region the engine process refused is not offered again for this long
+Placeable = np.ndarray | DirectJob | DeviceJob  # what a batch of run_placed holds
 
 
 class NonFinite(Exception):
@@ -164,20 +165,31 @@ class RemoteEngine:
                 return staged, self._call(self.regions.locate(staged) or 0, x.shape[0], x.shape[1])
             return self._run_in_pieces(x)
 
-    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray | Exception], float]:
+    def run_placed(self, parts: Sequence[Placeable]) -> tuple[list[np.ndarray | Exception], float]:
         """Compute ``parts`` as one job: arrays through the arena (their answers are arena views), direct jobs
-        straight between their client regions (answers written into their targets); (answers, engine seconds).
+        straight between their client regions (answers written into their targets), device jobs straight between
+        their client CUDA regions on the engine process's GPU (answers written there); (answers, engine seconds).
 
         A direct job whose region the engine process refused (its limits) goes through the arena after all, its
-        answer copied into its target, and says so (``served.copied``). A direct job holding a NaN or an Inf gets
-        :class:`~service.errors.InvalidInput` instead of an answer (the others are answered): the engine process
-        checks the values it reads from client regions (``checks_finite``), and this worker those it copies."""
+        answer copied into its target, and says so (``served.copied``); a device job whose region it refused gets
+        :class:`~service.engine.regions.RegionRefused` (the caller copies it through the host). A job holding a NaN
+        or an Inf gets :class:`~service.errors.InvalidInput` instead of an answer (the others are answered): the
+        engine process checks the values it reads from client regions (``checks_finite``), and this worker those
+        it copies."""
         with self._locked():
             specs: list[ipc.Part] = []
-            direct: list[int] = []  # the part of each direct spec
+            direct: list[int] = []  # the part of each region spec
             staged: list[int] = []  # parts that go through the arena
             refused: dict[int, Exception] = {}
             for index, part in enumerate(parts):
+                if isinstance(part, DeviceJob):
+                    spec = self._device_spec(part)
+                    if spec is None:
+                        refused[index] = RegionRefused("the engine process does not serve this CUDA region directly")
+                    else:
+                        specs.append(spec)
+                        direct.append(index)
+                    continue
                 if isinstance(part, DirectJob):
                     source, target = self._share(part.source.region), self._share(part.target.region)
                     if source is not None and target is not None:
@@ -191,11 +203,9 @@ class RemoteEngine:
                 staged.append(index)
             answers, compute_s = self._stage(parts, staged, specs)
             if specs:
-                try:
-                    compute_s += self._exchange(int(parts[0].shape[1]), specs)
-                except NonFinite as exc:
-                    compute_s += exc.compute_s
-                    refused.update((direct[k], InvalidInput(exc.message)) for k in exc.parts if k < len(direct))
+                seconds, bad = self._exchange_parts(int(parts[0].shape[1]), specs)
+                compute_s += seconds
+                refused.update((direct[k], error) for k, error in bad.items() if k < len(direct))
             outputs: list[np.ndarray | Exception] = []
             for index, part in enumerate(parts):
                 if index in refused:
@@ -204,16 +214,45 @@ class RemoteEngine:
                     if index in answers:  # it went through the arena after all
                         np.copyto(part.output, answers[index])
                     outputs.append(part.output)
+                elif isinstance(part, DeviceJob):
+                    outputs.append(part.output)
                 else:
                     outputs.append(answers[index])
             return outputs, compute_s
 
+    def _exchange_parts(self, seq: int, specs: list[ipc.Part]) -> tuple[float, dict[int, Exception]]:
+        """:meth:`_exchange` of a frame whose parts may be refused for their values: (engine seconds, the refused
+        specs' errors). The engine process refuses the whole frame when a part in a CUDA region holds a NaN or an
+        Inf (it checks those as it reads the frame, before computing anything): then each part is sent again
+        alone, so a request never fails for another's input."""
+        try:
+            return self._exchange(seq, specs), {}
+        except NonFinite as exc:
+            return exc.compute_s, {k: InvalidInput(exc.message) for k in exc.parts}
+        except RuntimeError as exc:  # FAILED: maybe the engine process refused this frame's contents
+            text = str(exc)
+            if INVALID not in text:
+                raise
+            if len(specs) == 1:
+                return 0.0, {0: InvalidInput(text.split(INVALID, 1)[1].strip())}
+        compute_s, refused = 0.0, {}
+        for k, spec in enumerate(specs):  # rare: find whose input it was
+            seconds, bad = self._exchange_parts(seq, [spec])
+            compute_s += seconds
+            if bad:
+                refused[k] = bad[0]
+        return compute_s, refused
+
     def _stage(
-        self, parts: Sequence[np.ndarray | DirectJob], staged: list[int], specs: list[ipc.Part]
+        self, parts: Sequence[Placeable], staged: list[int], specs: list[ipc.Part]
     ) -> tuple[dict[int, np.ndarray], float]:
         """Copy the ``staged`` parts into one arena region and add it to ``specs``; their answers (arena views).
         More than a region holds (a rare mixed batch) are computed at once, each in arena-sized pieces."""
-        arrays = {i: p.source.array if isinstance(p, DirectJob) else p for i, p in ((i, parts[i]) for i in staged)}
+        arrays: dict[int, np.ndarray] = {}
+        for index in staged:
+            part = parts[index]
+            assert not isinstance(part, DeviceJob), "device jobs never go through the arena"
+            arrays[index] = part.source.array if isinstance(part, DirectJob) else part
         if not arrays:
             return {}, 0.0
         rows = sum(int(a.shape[0]) for a in arrays.values())
@@ -304,63 +343,13 @@ class RemoteEngine:
 
         return self._register(region, send, "a shared-memory region")
 
-    def run_device(
-        self, source: tuple[DeviceRegion, int], target: tuple[DeviceRegion, int], rows: int, seq: int
-    ) -> float:
-        """One ``(rows, seq, D)`` tensor from a client CUDA region (region, byte offset) computed straight into
-        another, device to device in the engine process (each region registered on this connection at its first
-        use, by its IPC handle); the engine seconds. RegionRefused when the engine process refused a region
-        (then the caller copies instead); InvalidInput for an input the model cannot take."""
-        answer = self.run_devices(seq, [DevicePart(source, target, rows)])[0]
-        if isinstance(answer, Exception):
-            try:
-                raise answer
-            finally:
-                del answer  # no cycle through the traceback: the regions go (and are unregistered) when dropped
-        return answer
-
-    def run_devices(self, seq: int, parts: Sequence[DevicePart]) -> list[float | Exception]:
-        """Several requests' tensors (same ``seq``) from client CUDA regions in one batch frame: per part, the
-        engine seconds of the frame or the part's own error (RegionRefused, InvalidInput). An error of the
-        connection or the engine process is raised (it concerns every part). One part's invalid values refuse
-        the whole frame in the engine process, so a refused frame of several parts is sent again part by part:
-        a request never fails for another's input."""
-        with self._locked():
-            answers: list[float | Exception] = [RegionRefused("unsent")] * len(parts)
-            specs: list[ipc.Part] = []
-            sent: list[int] = []
-            for index, part in enumerate(parts):
-                source_id, target_id = self._share_device(part.source[0]), self._share_device(part.target[0])
-                if source_id is None or target_id is None:
-                    answers[index] = RegionRefused("the engine process does not serve this CUDA region directly")
-                    continue
-                specs.append((part.rows, source_id, part.source[1], target_id, part.target[1]))
-                sent.append(index)
-            if len(specs) > 1:
-                try:
-                    compute_s = self._exchange(seq, specs)
-                except (NonFinite, RuntimeError) as exc:
-                    if not isinstance(exc, NonFinite) and INVALID not in str(exc):
-                        raise
-                    for index, spec in zip(sent, specs, strict=True):  # rare: find whose input it was
-                        answers[index] = self._device_frame(seq, spec)
-                    return answers
-                for index in sent:
-                    answers[index] = compute_s
-            elif specs:
-                answers[sent[0]] = self._device_frame(seq, specs[0])
-            return answers
-
-    def _device_frame(self, seq: int, spec: ipc.Part) -> float | Exception:
-        """One part's frame (lock held): its engine seconds, or InvalidInput for values the model cannot take."""
-        try:
-            return self._exchange(seq, [spec])
-        except NonFinite as exc:
-            return InvalidInput(exc.message)
-        except RuntimeError as exc:  # FAILED: the engine process refused this batch's contents
-            if INVALID in str(exc):
-                return InvalidInput(str(exc).split(INVALID, 1)[1].strip())
-            raise
+    def _device_spec(self, job: DeviceJob) -> ipc.Part | None:
+        """The frame part of a device job (its regions registered on this connection at their first use), or None
+        when the engine process refused a region (it cannot read device memory, or its limits)."""
+        source, target = self._share_device(job.source[0]), self._share_device(job.target[0])
+        if source is None or target is None:
+            return None
+        return (job.shape[0], source, job.source[1], target, job.target[1])
 
     def _share_device(self, region: DeviceRegion) -> int | None:
         """:meth:`_share` for a CUDA region: the frame carries its IPC handle, no descriptor."""
@@ -465,8 +454,6 @@ class RemotePool:
         self.checks_finite = first.checks_finite
         self.fixed_shapes = False
         self.concurrency = connections  # read by the batcher: batches in flight at once
-        # Device-to-device requests skip the batcher: merged here, one frame per connection in flight.
-        self.device_merger = DeviceMerger(self._run_devices, connections, max(self.buckets))
 
     def input_buffer(self, batch: int, seq: int) -> np.ndarray:
         # An idle connection's arena first: the batch runs on the connection that holds it.
@@ -495,21 +482,10 @@ class RemotePool:
         idle = next((c for c in self.channels if not c.busy), self.channels[0])
         return idle.run_timed(x)
 
-    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray | Exception], float]:
+    def run_placed(self, parts: Sequence[Placeable]) -> tuple[list[np.ndarray | Exception], float]:
         """See :meth:`RemoteEngine.run_placed`: on an idle connection (each registers a region on its first use)."""
         idle = next((c for c in self.channels if not c.busy), self.channels[0])
         return idle.run_placed(parts)
-
-    def run_device(
-        self, source: tuple[DeviceRegion, int], target: tuple[DeviceRegion, int], rows: int, seq: int
-    ) -> float:
-        """See :meth:`RemoteEngine.run_device`: merged with this worker's other waiting device requests (see
-        :mod:`service.engine.device_merge`) into one frame on an idle connection."""
-        return self.device_merger.run(DevicePart(source, target, rows), seq)
-
-    def _run_devices(self, seq: int, parts: Sequence[DevicePart]) -> list[float | Exception]:
-        idle = next((c for c in self.channels if not c.busy), self.channels[0])
-        return idle.run_devices(seq, parts)
 
     def warmup(self) -> None:
         """Nothing to do: the engine process warmed up before it accepted workers."""

@@ -27,11 +27,10 @@ import numpy as np
 
 from service.engine.base import EngineGone, EngineLost, EngineUnreached, EngineUnrecoverable
 from service.engine.board import EngineBoard
-from service.engine.cuda_regions import DeviceRegion
+from service.engine.device_jobs import DeviceJob
 from service.engine.devices import DeviceStatus
-from service.engine.direct import DirectJob
 from service.engine.regions import RegionRefused
-from service.engine.remote import RemotePool
+from service.engine.remote import Placeable, RemotePool
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often the monitor reads the board (one mmap read per device)
@@ -210,10 +209,43 @@ class RouterEngine:
         """The answer and the engine process's compute seconds (see :meth:`RemoteEngine.run_timed`)."""
         return self._routed(int(x.shape[0]) if x.ndim else 0, lambda pool: pool.run_timed(x))
 
-    def run_placed(self, parts: Sequence[np.ndarray | DirectJob]) -> tuple[list[np.ndarray | Exception], float]:
-        """Answers and compute seconds of a batch holding direct shared-memory jobs (see
-        :meth:`RemoteEngine.run_placed`); the chosen device's engine process maps each region at its first use."""
-        return self._routed(sum(int(p.shape[0]) for p in parts), lambda pool: pool.run_placed(parts))
+    def run_placed(self, parts: Sequence[Placeable]) -> tuple[list[np.ndarray | Exception], float]:
+        """Answers and compute seconds of a batch holding shared-memory jobs (see :meth:`RemoteEngine.run_placed`);
+        the chosen device's engine process maps each region at its first use.
+
+        A device job (CUDA shared memory) can only be computed by the engine process of its GPU: the batch goes
+        there, and the rare batch holding device jobs of several GPUs is sent to each in turn (the other parts
+        with the first). A device job of a GPU no engine process serves gets RegionRefused (the caller copies)."""
+        if not any(isinstance(part, DeviceJob) for part in parts):
+            return self._routed(sum(int(p.shape[0]) for p in parts), lambda pool: pool.run_placed(parts))
+        answers: list[np.ndarray | Exception | None] = [None] * len(parts)
+        groups: dict[int, list[int]] = {}
+        loose: list[int] = []
+        for k, part in enumerate(parts):
+            if not isinstance(part, DeviceJob):
+                loose.append(k)
+            elif (index := self._index_of(part.device)) is None:
+                answers[k] = RegionRefused(f"no engine process serves device {part.device}")
+            else:
+                groups.setdefault(index, []).append(k)
+        compute_s = 0.0
+        if groups:  # the other parts ride with the first GPU's device jobs: one frame
+            next(iter(groups.values())).extend(loose)
+        elif loose:  # every device job was refused: the rest is a batch like any other
+            rest = [parts[k] for k in loose]
+            outs, compute_s = self._routed(sum(int(p.shape[0]) for p in rest), lambda pool: pool.run_placed(rest))
+            for k, out in zip(loose, outs, strict=True):
+                answers[k] = out
+        for index, members in groups.items():
+            outs, seconds = self._on_device(index, [parts[k] for k in members])
+            compute_s += seconds
+            for k, out in zip(members, outs, strict=True):
+                answers[k] = out
+        return [a for a in answers if a is not None], compute_s
+
+    def serves_device(self, device: str) -> bool:
+        """Whether an engine process of this service computes on GPU ``device`` (as clients number them)."""
+        return self._index_of(device) is not None
 
     def _routed(self, samples: int, call: Callable[[RemotePool], T]) -> T:
         """``call`` on the least-loaded device's pool; another device when the batch never reached this one."""
@@ -249,31 +281,29 @@ class RouterEngine:
             finally:
                 self._finished(index, samples)
 
-    def run_device(
-        self, device: str, source: tuple[DeviceRegion, int], target: tuple[DeviceRegion, int], rows: int, seq: int
-    ) -> float:
-        """One tensor from a client CUDA region into another, on the engine process of ``device`` (the GPU the
-        memory is on: no other can read it); see :meth:`RemoteEngine.run_device`."""
+    def _on_device(self, index: int, parts: Sequence[Placeable]) -> tuple[list[np.ndarray | Exception], float]:
+        """:meth:`RemoteEngine.run_placed` on device ``index``, the only one that can read its device jobs' memory:
+        EngineLost (503) when its engine process is not serving now, whether or not it saw the batch."""
+        self._release_reservation()
+        samples = sum(int(p.shape[0]) for p in parts)
         with self._lock:
-            index = self._index_of(device)
-            if index is None:
-                raise RegionRefused(f"no engine process serves device {device}")
             entry = self._devices[index]
-            if not entry.usable or entry.pool is None:
-                raise EngineLost(f"the engine process of device {device} is not serving now (restarting)")
             pool = entry.pool
-            entry.in_flight += rows
+            if entry.down or pool is None:
+                raise EngineLost(f"the engine process of device {entry.label} is not serving now (restarting)")
+            entry.in_flight += samples
+            entry.batches += 1
             entry.running += 1
         try:
-            return pool.run_device(source, target, rows, seq)
+            return pool.run_placed(parts)
         except EngineGone as exc:  # EngineUnreached included: the client memory is on that device only
             self._mark_down(index, pool, exc)
-            raise EngineLost(f"the engine process of device {device} is gone") from exc
+            raise EngineLost(f"the engine process of device {entry.label} is gone") from exc
         except EngineUnrecoverable as exc:
             self._mark_down(index, pool, exc)
-            raise RuntimeError(f"device {device}: {exc}") from exc
+            raise RuntimeError(f"device {entry.label}: {exc}") from exc
         finally:
-            self._finished(index, rows)
+            self._finished(index, samples)
 
     def _index_of(self, device: str) -> int | None:
         """The engine of the GPU a client names (``--devices`` ordinal); with CPU engines (the test-only fake device

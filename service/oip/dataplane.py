@@ -27,11 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service import dataplane
-from service.batching.errors import BatcherStopped, DeadlineExceeded, EngineFailed
-from service.engine.base import EngineGone, EngineLost
 from service.engine.direct import COPIED, DIRECT, Span, direct_job
-from service.engine.regions import RegionRefused
 from service.errors import BadRequest, Conflict, InvalidInput, NotFound
+from service.oip import cuda_path
 from service.oip.types import (
     DATATYPES,
     KNOWN_DATATYPES,
@@ -48,7 +46,6 @@ from service.settings import Settings
 from service.state import ServiceState
 
 if TYPE_CHECKING:
-    from service.cudashm import Lease
     from service.shm import SystemSharedMemory
 
 log = logging.getLogger(__name__)
@@ -191,17 +188,17 @@ async def _infer(
     with contextlib.ExitStack() as leases:
         # CUDA regions (named like system ones): each is held from here until its answer is written.
         dtype, shape = DATATYPES[tensor.datatype], check_shape(tensor.shape)
-        cuda_in = cuda_lease(state, tensor.shm, dtype, shape, leases)
+        cuda_in = cuda_path.cuda_lease(state, tensor.shm, dtype, shape, leases)
         if cuda_in is not None and tensor.data is not None:
             raise BadRequest(f"input {tensor.name!r} has both data and a shared-memory region")
-        cuda_out = cuda_lease(state, wanted.shm, dtype, shape, leases)  # the answer has the input's shape
+        cuda_out = cuda_path.cuda_lease(state, wanted.shm, dtype, shape, leases)  # the answer has the input's shape
         deadline = request_deadline(deadline, request.timeout_ms, arrived)
         if cuda_in is not None and cuda_out is not None:
-            compute_s = await device_to_device(engine, cuda_in, cuda_out, shape, deadline)
-            if compute_s is not None:  # computed by the engine process straight from and into the client's memory
+            served = await cuda_path.device_to_device(engine, batcher, cuda_in, cuda_out, shape, deadline)
+            if served is not None:  # computed by the engine process straight from and into the client's memory
                 state.metrics.observe_shm_request(DIRECT)
                 out = OutputTensor(OUTPUT, tensor.datatype, shape, shm=wanted.shm, binary=wanted.binary)
-                return InferResponse(request.model, [out], MODEL_VERSION, request.id, 0.0, compute_s)
+                return InferResponse(request.model, [out], MODEL_VERSION, request.id, served.queue_s, served.compute_s)
         source: np.ndarray | Span
         if cuda_in is not None:
             source = await asyncio.to_thread(cuda_in.read, dtype, shape)  # the copied path: to the host and back
@@ -302,62 +299,6 @@ def check_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in shape):
         raise BadRequest(f"a shape holds non-negative integers, got {list(shape)}")
     return tuple(shape)
-
-
-def cuda_lease(
-    state: ServiceState,
-    ref: SharedMemoryRef | None,
-    dtype: np.dtype[Any],
-    shape: tuple[int, ...],
-    leases: contextlib.ExitStack,
-) -> Lease | None:
-    """A hold on ``ref`` when it names a CUDA region (released with ``leases``); None for anything else."""
-    cuda = state.cuda_shared_memory
-    if ref is None or cuda is None:
-        return None
-    lease = cuda.lease(ref, dtype, check_shape(shape))
-    if lease is not None:
-        leases.callback(lease.release)
-    return lease
-
-
-async def device_to_device(
-    engine: Any, source: Lease, target: Lease, shape: tuple[int, ...], deadline: float
-) -> float | None:
-    """Serve a request whose input and output both lie in CUDA regions of one GPU on that GPU's engine process,
-    device to device (no host copy): the engine seconds; None where that path does not apply (an engine in this
-    process, the input's datatype not the engine's, two GPUs, a region the engine process refused), and the
-    caller copies instead. Past the batcher: the engine process merges these with every other worker's batches.
-    """
-    run_device = getattr(engine, "run_device", None)
-    records = source.region.record, target.region.record
-    if run_device is None or source.dtype != engine.dtype or records[0].device_id != records[1].device_id:
-        return None
-    batch = dataplane.as_batch(np.broadcast_to(np.zeros((), source.dtype), shape), engine)  # rank, width, length
-    samples, seq, dim = batch.shape
-    step = max(engine.buckets)  # the engine process captured no larger batch
-    row_bytes = seq * dim * source.dtype.itemsize
-    compute_s = 0.0
-    for start in range(0, samples, step):
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded("the request's deadline passed before it was computed")
-        rows = min(step, samples - start)
-        at_source = (source.region, source.ref.offset + start * row_bytes)
-        at_target = (target.region, target.ref.offset + start * row_bytes)
-        try:
-            device = str(records[0].device_id)
-            compute_s += await asyncio.to_thread(run_device, device, at_source, at_target, rows, seq)
-        except RegionRefused:
-            if start:  # a refusal half-way (the engine process restarted and is full): copy the whole request
-                log.warning("CUDA region refused after %s rows were computed on the device; copying all", start)
-            return None
-        except (EngineGone, EngineLost) as exc:
-            raise BatcherStopped(f"the engine is gone: {exc}") from exc
-        except (InvalidInput, DeadlineExceeded):
-            raise
-        except Exception as exc:
-            raise EngineFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
-    return compute_s
 
 
 def system_regions(state: ServiceState, shm: SharedMemory | None) -> SharedMemory | None:

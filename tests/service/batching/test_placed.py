@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -141,3 +143,31 @@ def test_an_engine_without_run_placed_fails_the_batch_clearly() -> None:
             await batcher.submit(job(9))
 
     run(engine, body)
+
+
+class RefusingEngine(PlacingEngine):
+    """Refuses every placed input on its own (as an engine does a NaN found where the input lies)."""
+
+    def run_placed(self, parts: Sequence[np.ndarray | Placed]) -> tuple[list[np.ndarray], float]:
+        return [ValueError("refused") for _ in parts], 0.001  # type: ignore[misc]
+
+
+def test_a_refused_placed_input_is_garbage_once_its_request_has_failed() -> None:
+    # A placed input may hold a client's shared-memory region, which is unmapped only once it is garbage: the
+    # error raised to the request must not keep it alive in a reference cycle until a garbage collection.
+    placed = job(10, 2)
+    alive = weakref.ref(placed)
+
+    async def body(batcher: Batcher) -> None:
+        nonlocal placed
+        request = batcher.submit(placed)
+        del placed
+        with pytest.raises(ValueError, match="refused"):
+            await request
+
+    gc.disable()
+    try:
+        run(RefusingEngine(), body)
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -1,6 +1,7 @@
 """The device-to-device path through a real engine process (``--shared-engine on``, FakeEngine, fake device layer):
-a request whose input and output both lie in CUDA regions is computed by the engine process straight from and
-into them (no worker batch), NaN inputs are refused there (422), and unregistering closes the engine's handles."""
+a request whose input and output both lie in CUDA regions is batched by its worker and computed by the engine
+process straight from and into them, NaN inputs are refused there (422), and unregistering closes the engine's
+handles."""
 
 from __future__ import annotations
 
@@ -53,9 +54,15 @@ def test_cuda_regions_are_computed_device_to_device_by_the_engine_process(tmp_pa
                 status, answer = conn.call("POST", "/v2/models/encoder/infer", infer_body(x, "in", "out"))
                 assert status == 200, answer
                 np.testing.assert_allclose(outputs.array(np.float32, x.shape), fake_output(x), rtol=1e-6)
-            for conn in conns:  # no worker formed a batch: 3 samples went as 2 + 1 rows straight to the engine
-                stats = conn.call("GET", "/v2/models/encoder/stats")[1]["model_stats"][0]
-                assert stats["execution_count"] == 0, stats
+            # Through the workers' batchers (3 samples: batches of 2 + 1), device to device (conns 0 and 1 are
+            # on the two workers, whose statistics are their own).
+            stats = [c.call("GET", "/v2/models/encoder/stats")[1]["model_stats"][0] for c in conns[:2]]
+            assert sum(s["inference_count"] for s in stats) == 12, stats
+            assert sum(s["execution_count"] for s in stats) == 8, stats
+            metrics = conns[0].http
+            metrics.request("GET", "/metrics")
+            text = metrics.getresponse().read().decode()
+            assert 'encoder_shm_requests_total{path="direct"} 4.0' in text
 
             bad = x.copy()
             bad[1, 2, 3] = np.nan
