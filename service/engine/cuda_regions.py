@@ -24,7 +24,6 @@ from service.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 KIND_CUDA = 1  # ipc.REGISTER's kind for a CUDA region (ipc.KIND_SYSTEM is 0)
-INVALID = "invalid input:"  # starts a FAILED reply about the client's values (the worker answers 422), not a failure
 
 
 class DeviceRegion(Protocol):

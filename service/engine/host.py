@@ -197,6 +197,10 @@ class EngineHost:
         except ValueError as exc:
             worker.reply(sequence, (ipc.FAILED, str(exc), 0.0, 0.0))
             return
+        if job.all_refused:  # NaN/Inf in every part (CUDA regions, checked as read): nothing to compute
+            text = str(non_finite(self.engine.dtype.name))
+            worker.reply(sequence, (ipc.INVALID, ipc.invalid_message(job.refused, text), 0.0, 0.0))
+            return
         for region in job.held:
             self.retain(region)
         self._jobs.append(job)

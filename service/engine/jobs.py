@@ -19,7 +19,7 @@ from converter.finite import finite_rows
 from service.batching.batcher import pad_size, run_batch
 from service.engine import ipc
 from service.engine.base import Engine
-from service.engine.cuda_regions import INVALID, CudaRegion
+from service.engine.cuda_regions import CudaRegion
 from service.engine.regions import ClientRegion
 
 if TYPE_CHECKING:
@@ -41,6 +41,12 @@ class Job:
     # Per part: read from a system client region (the direct path), so no worker checked its values: this process
     # does, on the batch (CUDA regions' inputs are checked when the frame is read, see DeviceFinite).
     checked: list[bool] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)  # parts in CUDA regions found holding a NaN or an Inf
+
+    @property
+    def all_refused(self) -> bool:
+        """Every part was refused when the frame was read: nothing worth computing."""
+        return len(self.refused) == len(self.parts)
 
 
 class DeviceFinite:
@@ -50,8 +56,8 @@ class DeviceFinite:
         self.dtype = dtype
         self._check: Any = None  # converter.finite.FiniteCheck
 
-    def __call__(self, part: Placed) -> None:
-        """ValueError (the client's input, answered 422) when a sample holds a NaN or an infinity."""
+    def __call__(self, part: Placed) -> bool:
+        """Whether every value of ``part`` is finite (else the worker answers its request 422)."""
         if isinstance(part, np.ndarray):  # the test-only fake layer: host memory
             finite = bool(np.isfinite(part).all())
         else:
@@ -60,32 +66,33 @@ class DeviceFinite:
 
                 self._check = FiniteCheck(self.dtype, "CUDAExecutionProvider", 0)
             finite = bool(self._check.device(part.pointer, part.shape).all())
-        if not finite:
-            raise ValueError(f"{INVALID} inputs must be finite numbers within the model's dtype ({part.dtype})")
+        return finite
 
 
 def read_job(worker: WorkerConnection, sequence: int, body: bytes, engine: Engine, check: DeviceFinite) -> Job:
-    """The frame's parts as checked views; ValueError for a bad frame (that job only). The job does not hold its
-    regions yet: the caller retains ``job.held``."""
+    """The frame's parts as checked views; ValueError for a bad frame (that job only). Parts in CUDA regions holding
+    a NaN or an Inf are ``job.refused`` (only their requests fail, not the frame: it holds other requests too). The
+    job does not hold its regions yet: the caller retains ``job.held``."""
     seq, specs = ipc.parse_batch(body)
     parts: list[Placed] = []
     outs: list[Placed] = []
     held: dict[int, ClientRegion | CudaRegion] = {}
     checked: list[bool] = []
-    for samples, source, source_offset, target, target_offset in specs:
+    refused: list[int] = []
+    for index, (samples, source, source_offset, target, target_offset) in enumerate(specs):
         if samples < 1 or not 1 <= seq <= engine.max_seq_len:
             raise ValueError(f"invalid batch shape ({samples}, {seq})")
         shape = (samples, seq, engine.dim)
         parts.append(worker.view(source, source_offset, shape, engine.dtype))
-        if isinstance(worker.regions.get(source), CudaRegion):
-            check(parts[-1])  # no worker has seen these values: checked where they are
+        if isinstance(worker.regions.get(source), CudaRegion) and not check(parts[-1]):
+            refused.append(index)  # no worker has seen these values: checked where they are
         outs.append(worker.view(target, target_offset, shape, engine.dtype))
         checked.append(isinstance(worker.regions.get(source), ClientRegion))
         for region_id in (source, target):
             if region_id != ipc.ARENA:
                 held[region_id] = worker.regions[region_id]
     samples = sum(int(part.shape[0]) for part in parts)
-    return Job(worker, sequence, parts, outs, samples, seq, time.monotonic(), list(held.values()), checked)
+    return Job(worker, sequence, parts, outs, samples, seq, time.monotonic(), list(held.values()), checked, refused)
 
 
 def run_parts(
@@ -129,15 +136,17 @@ def run_parts(
 
 
 def refused_parts(batch: Sequence[Job], finite: np.ndarray | None) -> list[list[int]]:
-    """Per job, the indices of its checked parts holding a non-finite row (``finite``: the batch's row flags)."""
+    """Per job, the indices of its parts holding a non-finite row: found when its frame was read (CUDA regions), or
+    in the batch's row flags ``finite`` (the checked parts). A refused part was computed all the same (its answer
+    written where its request said), like the others of its batch; its request is refused."""
     refused: list[list[int]] = []
     row = 0
     for job in batch:
-        bad = []
+        bad = list(job.refused)
         for index, (part, checked) in enumerate(zip(job.parts, job.checked, strict=True)):
             rows = int(part.shape[0])
             if finite is not None and checked and not finite[row : row + rows].all():
                 bad.append(index)
             row += rows
-        refused.append(bad)
+        refused.append(sorted(bad))
     return refused

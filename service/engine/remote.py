@@ -23,7 +23,7 @@ import numpy as np
 from converter.finite import finite_rows
 from service.engine import ipc
 from service.engine.base import EngineGone, EngineUnreached, EngineUnrecoverable
-from service.engine.cuda_regions import INVALID, KIND_CUDA, DeviceRegion
+from service.engine.cuda_regions import KIND_CUDA, DeviceRegion
 from service.engine.device_jobs import DeviceJob
 from service.engine.direct import DirectJob, HostRegion, SharedRegions
 from service.engine.regions import RegionRefused
@@ -203,9 +203,11 @@ class RemoteEngine:
                 staged.append(index)
             answers, compute_s = self._stage(parts, staged, specs)
             if specs:
-                seconds, bad = self._exchange_parts(int(parts[0].shape[1]), specs)
-                compute_s += seconds
-                refused.update((direct[k], error) for k, error in bad.items() if k < len(direct))
+                try:
+                    compute_s += self._exchange(int(parts[0].shape[1]), specs)
+                except NonFinite as exc:  # only the parts holding NaN/Inf are refused; the others were computed
+                    compute_s += exc.compute_s
+                    refused.update((direct[k], InvalidInput(exc.message)) for k in exc.parts if k < len(direct))
             outputs: list[np.ndarray | Exception] = []
             for index, part in enumerate(parts):
                 if index in refused:
@@ -219,29 +221,6 @@ class RemoteEngine:
                 else:
                     outputs.append(answers[index])
             return outputs, compute_s
-
-    def _exchange_parts(self, seq: int, specs: list[ipc.Part]) -> tuple[float, dict[int, Exception]]:
-        """:meth:`_exchange` of a frame whose parts may be refused for their values: (engine seconds, the refused
-        specs' errors). The engine process refuses the whole frame when a part in a CUDA region holds a NaN or an
-        Inf (it checks those as it reads the frame, before computing anything): then each part is sent again
-        alone, so a request never fails for another's input."""
-        try:
-            return self._exchange(seq, specs), {}
-        except NonFinite as exc:
-            return exc.compute_s, {k: InvalidInput(exc.message) for k in exc.parts}
-        except RuntimeError as exc:  # FAILED: maybe the engine process refused this frame's contents
-            text = str(exc)
-            if INVALID not in text:
-                raise
-            if len(specs) == 1:
-                return 0.0, {0: InvalidInput(text.split(INVALID, 1)[1].strip())}
-        compute_s, refused = 0.0, {}
-        for k, spec in enumerate(specs):  # rare: find whose input it was
-            seconds, bad = self._exchange_parts(seq, [spec])
-            compute_s += seconds
-            if bad:
-                refused[k] = bad[0]
-        return compute_s, refused
 
     def _stage(
         self, parts: Sequence[Placeable], staged: list[int], specs: list[ipc.Part]
