@@ -4,36 +4,33 @@
 its requests as usual and ``run`` sends each one to the engine process (see :mod:`service.engine.ipc`), which
 merges the batches of every worker into one GPU run. So the GPU has one CUDA context and one model copy, and
 a batch on it holds the requests of all workers instead of the one to three that each worker had alone.
+Batches are assembled in the connection's arena (:mod:`service.engine.arena_pool`) or name client regions passed
+to the engine process once (:mod:`service.engine.region_sharing`): system shared memory, and CUDA regions computed
+device to device (:mod:`service.engine.device_jobs`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from converter.finite import finite_rows
 from service.engine import ipc
+from service.engine.arena_pool import MAX_ARENA_BYTES, REGION_WAIT_S, REGIONS, Regions
 from service.engine.base import EngineGone, EngineUnreached, EngineUnrecoverable
-from service.engine.cuda_regions import KIND_CUDA, DeviceRegion
 from service.engine.device_jobs import DeviceJob
-from service.engine.direct import DirectJob, HostRegion, SharedRegions
+from service.engine.direct import DirectJob, SharedRegions
+from service.engine.region_sharing import RegionSharing
 from service.engine.regions import RegionRefused
 from service.errors import InvalidInput, non_finite
 
 log = logging.getLogger(__name__)
-MAX_ARENA_BYTES = 256 << 20
-REGIONS = 4  # one batch computing while the answers of up to three earlier ones are still being sent
-REGION_WAIT_S = 5.0  # longest wait for a free region (answers not yet sent hold theirs)
-REFUSED_RETRY_S = 1.0  # a client region the engine process refused is not offered again for this long
 Placeable = np.ndarray | DirectJob | DeviceJob  # what a batch of run_placed holds
 
 
@@ -45,61 +42,7 @@ class NonFinite(Exception):
         self.parts, self.message, self.compute_s = parts, message, compute_s
 
 
-class _Lease:
-    """Holds one arena region; returns it when the last array over it is garbage (like the session's pinned pool)."""
-
-    __slots__ = ("index", "regions")
-
-    def __init__(self, regions: Regions, index: int) -> None:
-        self.regions, self.index = regions, index
-
-    def __del__(self) -> None:
-        self.regions.release(self.index)
-
-
-class Regions:
-    """The arena cut into equal regions, handed out as numpy arrays that keep their region while alive.
-
-    An answer is returned as a view of the region its batch was computed in: no copy out of shared memory,
-    and the region is not reused until every request holding part of that answer has sent it.
-    """
-
-    def __init__(self, arena: ipc.Arena, count: int) -> None:
-        self.arena = arena
-        self.size = arena.size // count
-        self._free = list(range(count))
-        self._cond = threading.Condition()
-
-    def acquire(self, timeout_s: float) -> int | None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: bool(self._free), timeout_s):
-                return None
-            return self._free.pop()
-
-    def release(self, index: int) -> None:
-        with self._cond:
-            self._free.append(index)
-            self._cond.notify()
-
-    def array(self, index: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-        """A view of region ``index`` that owns the lease (the caller must not release it itself)."""
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if nbytes > self.size:
-            raise ValueError(f"{nbytes} bytes do not fit a region of {self.size}")
-        # from_buffer exports the mapping: it cannot be unmapped while any view of this region lives.
-        raw = (ctypes.c_uint8 * nbytes).from_buffer(self.arena.mapping, index * self.size)
-        raw._lease = _Lease(self, index)  # type: ignore[attr-defined]  # freed with the last view
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)  # type: ignore[call-overload]
-
-    def locate(self, array: np.ndarray) -> int | None:
-        """Byte offset of ``array`` in the arena when it lies inside one region, else None."""
-        offset = self.arena.offset_of(array)
-        if offset is None or (offset + max(array.nbytes, 1) - 1) // self.size != offset // self.size:
-            return None
-        return offset
-
-
-class RemoteEngine:
+class RemoteEngine(RegionSharing):
     """Connects at construction (fast: the engine process is warm before workers start)."""
 
     def __init__(self, path: str, max_arena_bytes: int = MAX_ARENA_BYTES) -> None:
@@ -307,89 +250,6 @@ class RemoteEngine:
         if sequence != self._sequence:
             raise EngineUnrecoverable(f"engine process answered request {sequence}, expected {self._sequence}")
         return status, message, float(compute_s)
-
-    # --- client regions (the direct shared-memory path) -------------------------------------------------------
-
-    def _share(self, region: HostRegion) -> int | None:
-        """This connection's id of ``region``, registered with the engine process at its first use; None when the
-        engine process refused it (then it is offered again only after REFUSED_RETRY_S)."""
-
-        def send(region_id: int) -> None:
-            frame = ipc.register_frame(self._sequence, region_id, ipc.KIND_SYSTEM, region.offset, region.byte_size)
-            sent = socket.send_fds(self._sock, [frame], [region.fd])  # type: ignore[arg-type]
-            if sent < len(frame):
-                self._sock.sendall(frame[sent:])
-
-        return self._register(region, send, "a shared-memory region")
-
-    def _device_spec(self, job: DeviceJob) -> ipc.Part | None:
-        """The frame part of a device job (its regions registered on this connection at their first use), or None
-        when the engine process refused a region (it cannot read device memory, or its limits)."""
-        source, target = self._share_device(job.source[0]), self._share_device(job.target[0])
-        if source is None or target is None:
-            return None
-        return (job.shape[0], source, job.source[1], target, job.target[1])
-
-    def _share_device(self, region: DeviceRegion) -> int | None:
-        """:meth:`_share` for a CUDA region: the frame carries its IPC handle, no descriptor."""
-
-        def send(region_id: int) -> None:
-            frame = ipc.register_frame(self._sequence, region_id, KIND_CUDA, 0, region.byte_size, region.handle)
-            self._sock.sendall(frame)
-
-        return self._register(region, send, "a CUDA region")
-
-    def _register(self, region: HostRegion | DeviceRegion, send: Callable[[int], None], what: str) -> int | None:
-        """:meth:`_share`'s work for either kind of region; ``send(region_id)`` sends its REGISTER frame."""
-        region_id = self._shared.get(region)  # type: ignore[arg-type]  # any weak-referenceable region works
-        if region_id is not None:
-            return region_id
-        if time.monotonic() < self._refused.get(id(region), 0.0):
-            return None
-        region_id = self._shared.reserve()
-        self._sequence = (self._sequence + 1) & 0xFFFFFFFF
-        try:
-            send(region_id)
-        except OSError as exc:
-            raise EngineUnreached(f"the engine process is gone: {exc}") from exc
-        status, message, _ = self._reply()
-        if status != ipc.OK:
-            log.warning("the engine process serves %s by copying: %s", what, message)
-            self._refused = {k: t for k, t in self._refused.items() if t > time.monotonic()}
-            self._refused[id(region)] = time.monotonic() + REFUSED_RETRY_S
-            return None
-        self._shared.add(region, region_id, self._forget)  # type: ignore[arg-type]
-        return region_id
-
-    def _forget(self, region_id: int) -> None:
-        """``region_id``'s region is garbage (any thread): unregister it now if the connection is free."""
-        self._shared.forget(region_id)
-        self._flush_if_free()
-
-    def _flush_if_free(self) -> None:
-        if self._shared.pending and self._lock.acquire(blocking=False):
-            try:
-                self._flush_gone()
-            finally:
-                self._lock.release()
-
-    def _flush_gone(self) -> None:
-        """Send the queued UNREGISTER frames (lock held); a connection that broke drops them all anyway."""
-        gone = self._shared.take_gone()
-        if gone:
-            with contextlib.suppress(OSError):
-                self._sock.sendall(b"".join(ipc.unregister_frame(region_id) for region_id in gone))
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The connection, for one exchange; regions that became garbage meanwhile are unregistered first."""
-        with self._lock:
-            self._flush_gone()
-            try:
-                yield
-            finally:
-                self._flush_gone()
-        self._flush_if_free()
 
     @property
     def busy(self) -> bool:

@@ -108,7 +108,8 @@ class _AcceptingServer:
 def test_a_refusal_case_that_is_accepted_is_unregistered_and_a_stale_handle_is_named(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from loadtest.verify_cudashm import STALE_ACCEPTED, Checks, refuse_each
+    from loadtest.peers.cuda_refusals import STALE_ACCEPTED, refuse_each
+    from loadtest.verify_cudashm import Checks
 
     server, checks = _AcceptingServer(), Checks()
     refuse_each(
