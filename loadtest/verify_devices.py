@@ -3,9 +3,10 @@
 1. **Equal per device.** One engine process per device (as the service starts them); the same inputs go to
    each device's engine directly; the answers are compared between devices, and batched with unbatched.
 2. **Kill -9 under load.** ``python -m service --devices 0,1`` under steady load; at ``--kill-at`` seconds the
-   last device's engine process is killed. Expected: only requests in flight on it fail (503, each started
-   before it died), every other answer is right, /readyz stays 200 naming it down, it is restarted
-   (``encoder_engine_restarts_total``) and computes again.
+   first device's engine process is killed (light loads all go to the first device: it holds work in flight).
+   Expected: only requests in flight on it fail (503, each started before it died), every other answer is
+   right, /readyz stays 200 naming it down, it is restarted (``encoder_engine_restarts_total``) and computes
+   again.
 
 Saves JSON and prints a summary; exits 0 when every check passed. On a two-GPU host, one command:
 
@@ -146,8 +147,8 @@ def engine_of(server_pid: int, label: str) -> psutil.Process:
 
 
 def kill_under_load(args: argparse.Namespace, xs: np.ndarray, refs: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """Phase 2; see the module docstring. The last device's engine process is killed."""
-    victim = labels[-1]
+    """Phase 2; see the module docstring. The first device's engine process is killed (the one computing)."""
+    victim = labels[0]
     port = free_port()
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"]
     command += ["--model-dir", str(args.model_dir), "--devices", args.devices, "--workers", str(args.workers)]

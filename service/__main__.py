@@ -48,6 +48,7 @@ _FLAG_TYPES: dict[str, Any] = {
     "drain_s": float,
     "graceful_timeout_s": float,
     "fake_delay_ms": float,
+    "fake_sample_delay_ms": float,
     "engine_restart_limit": int,
     "engine_restart_window_s": float,
     "engine_restart_backoff_s": float,

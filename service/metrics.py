@@ -121,6 +121,12 @@ class Metrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=r,
         )
+        self.worker_batch_size = Histogram(
+            "encoder_worker_batch_size",
+            "samples per batch a worker sends to the engine processes (with --workers and engine processes)",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
         self.samples = Counter(
             "encoder_samples_processed", "samples computed (rate() = throughput)", ["device"], registry=r
         )
@@ -276,6 +282,7 @@ class MetricsObserver:
         for wait in stats.queue_waits_s:
             m.queue_wait.observe(wait)
         if not self._batches:
+            self._m.worker_batch_size.observe(stats.samples)
             return
         self._batch_size.observe(stats.samples)
         if stats.failed:

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
         default="onnx", description="test-only: 'fake' serves service.engine.fake.FakeEngine (dim 8, no model)"
     )
     fake_delay_ms: float = Field(default=0.0, ge=0, description="test-only: the fake engine's time per batch")
+    fake_sample_delay_ms: float = Field(
+        default=0.0, ge=0, description="test-only: the fake engine's time per sample, added to its time per batch"
+    )
     model_name: str = Field(
         default="encoder",
         min_length=1,
@@ -199,6 +202,10 @@ class Settings(BaseSettings):
     @property
     def fake_delay_s(self) -> float:
         return self.fake_delay_ms / 1000.0
+
+    @property
+    def fake_sample_delay_s(self) -> float:
+        return self.fake_sample_delay_ms / 1000.0
 
     @property
     def max_delay_s(self) -> float:

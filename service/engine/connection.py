@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from service.engine.host import EngineHost
 
 log = logging.getLogger(__name__)
-Answer = tuple[int, str, float, float]  # status, message, engine seconds, seconds queued here
+Answer = tuple[int, str, float, float]  # status, message, engine seconds, the engine's quickest run (see ipc.REPLY)
 READ_BYTES = 1 << 16
 MAX_QUEUED_FDS = 8  # descriptors received ahead of their REGISTER frames; more is a protocol error
 _FD_SPACE = socket.CMSG_SPACE(MAX_QUEUED_FDS * array.array("i").itemsize)
@@ -128,9 +128,9 @@ class WorkerConnection:
     def reply(self, sequence: int, answer: Answer) -> None:
         if self.closed:
             return  # the worker left: nobody waits for this answer
-        status, message, compute_s, wait_s = answer
+        status, message, compute_s, quickest_s = answer
         text = message.encode()
-        self.write(ipc.REPLY.pack(sequence, status, len(text), compute_s, wait_s) + text)
+        self.write(ipc.REPLY.pack(sequence, status, len(text), compute_s, quickest_s) + text)
 
     def write(self, data: bytes) -> None:
         if self._out:

@@ -23,7 +23,12 @@ def build_engine(settings: Settings, cancelled: Callable[[], bool] | None = None
         # Test-only: lets reliability tests count engine calls and inject faults inside a real server process.
         from service.engine.fake import FakeEngine
 
-        return FakeEngine(max_batch_size=settings.max_batch_size, delay_s=settings.fake_delay_s, record=False)
+        return FakeEngine(
+            max_batch_size=settings.max_batch_size,
+            delay_s=settings.fake_delay_s,
+            sample_delay_s=settings.fake_sample_delay_s,
+            record=False,
+        )
     if settings.model_dir is None:
         raise ValueError("model_dir is not set: run `python -m service`, which converts the default model")
     from service.engine.onnx import OnnxEngine  # imported here: onnxruntime only where a real engine is built

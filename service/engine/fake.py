@@ -23,7 +23,8 @@ def fake_output(x: np.ndarray) -> np.ndarray:
 
 
 class FakeEngine:
-    """Records every batch shape it runs; sleeps ``delay_s`` per call; fails batches that ``fail_if`` picks.
+    """Records every batch shape it runs; sleeps ``delay_s`` per call plus ``sample_delay_s`` per sample (a GPU's
+    run: a fixed cost, then time that grows with the batch); fails batches that ``fail_if`` picks.
 
     With ``poison=True`` a batch fails when any sample starts with :data:`POISON`, so a test (or an HTTP
     client) can make exactly its own batch fail; a sample starting with :data:`FATAL` makes the engine report
@@ -38,6 +39,7 @@ class FakeEngine:
         max_batch_size: int = 8,
         dtype: str = "float32",
         delay_s: float = 0.0,
+        sample_delay_s: float = 0.0,
         fixed_shapes: bool = False,
         poison: bool = True,
         fail_if: Callable[[np.ndarray], bool] | None = None,
@@ -52,6 +54,7 @@ class FakeEngine:
         self.provider = "fake"
         self.fixed_shapes = fixed_shapes
         self.delay_s = delay_s
+        self.sample_delay_s = sample_delay_s
         self.poison = poison
         self.fail_if = fail_if
         self.warmup_s = warmup_s
@@ -68,8 +71,8 @@ class FakeEngine:
             with self._lock:
                 self.batches.append((x.shape[0], x.shape[1]))
                 self.inputs.append(x.copy())
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.delay_s or self.sample_delay_s:
+            time.sleep(self.delay_s + self.sample_delay_s * x.shape[0])
         if self.poison and bool(np.any(x[:, 0, 0] == POISON)):
             raise RuntimeError("poisoned sample in batch")
         if self.poison and bool(np.any(x[:, 0, 0] == FATAL)):
@@ -87,7 +90,8 @@ class FakeEngine:
         self.warmed = True
 
     def describe(self) -> dict[str, Any]:
-        return {"provider": self.provider, "delay_s": self.delay_s, "fixed_shapes": self.fixed_shapes}
+        described = {"provider": self.provider, "delay_s": self.delay_s, "fixed_shapes": self.fixed_shapes}
+        return described | ({"sample_delay_s": self.sample_delay_s} if self.sample_delay_s else {})
 
     @property
     def batch_sizes(self) -> list[int]:

@@ -39,7 +39,9 @@ KIND_SYSTEM = 0
 MAX_BODY = 1 << 20
 MAX_PARTS = (MAX_BODY - BATCH_HEAD.size) // PART.size
 Part = tuple[int, int, int, int, int]  # samples, input region, input offset, output region, output offset
-# engine -> worker: sequence number, status, length of the message that follows, engine seconds, queue seconds
+# engine -> worker: sequence number, status, length of the message that follows, engine seconds of the run, and the
+# engine's quickest run so far (seconds, 0 when not known: how long a run of a few samples takes there, which the
+# workers' routing compares runs with, see service/engine/routing.py)
 REPLY = struct.Struct("<IBIdd")
 # BROKEN: this batch broke the engine for good; GONE: the engine broke on another batch, this one never ran.
 # INVALID: computed, but parts read from client regions hold a NaN or an Inf (see invalid_message).

@@ -12,6 +12,7 @@ device to device (:mod:`service.engine.device_jobs`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -76,6 +77,7 @@ class RemoteEngine(RegionSharing):
         self._sequence = 0
         self._shared = SharedRegions()  # client regions passed to the engine process on this connection
         self._refused: dict[int, float] = {}  # id(region) -> until when it is not offered again
+        self.quickest_s = math.inf  # the engine process's quickest run so far, as its last reply said
         log.info(
             "attached to the engine process (%s on %s), arena %s MiB", self.name, self.provider, self.arena.size >> 20
         )
@@ -241,14 +243,17 @@ class RemoteEngine(RegionSharing):
         return compute_s
 
     def _reply(self) -> tuple[int, str, float]:
-        """(status, message, engine seconds) of the reply to the frame just sent."""
+        """(status, message, engine seconds) of the reply to the frame just sent; keeps the engine's quickest run."""
         try:
-            sequence, status, length, compute_s, _ = ipc.REPLY.unpack(ipc.recv_exactly(self._sock, ipc.REPLY.size))
+            head = ipc.REPLY.unpack(ipc.recv_exactly(self._sock, ipc.REPLY.size))
+            sequence, status, length, compute_s, quickest_s = head
             message = ipc.recv_exactly(self._sock, length).decode(errors="replace") if length else ""
         except OSError as exc:
             raise EngineGone(f"the engine process is gone: {exc}") from exc
         if sequence != self._sequence:
             raise EngineUnrecoverable(f"engine process answered request {sequence}, expected {self._sequence}")
+        if quickest_s > 0:
+            self.quickest_s = float(quickest_s)
         return status, message, float(compute_s)
 
     @property
@@ -293,6 +298,11 @@ class RemotePool:
         self.checks_finite = first.checks_finite
         self.fixed_shapes = False
         self.concurrency = connections  # read by the batcher: batches in flight at once
+
+    @property
+    def quickest_s(self) -> float:
+        """The engine process's quickest run so far, as the latest replies say (inf before any)."""
+        return min(channel.quickest_s for channel in self.channels)
 
     def input_buffer(self, batch: int, seq: int) -> np.ndarray:
         # An idle connection's arena first: the batch runs on the connection that holds it.

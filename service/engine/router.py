@@ -1,10 +1,13 @@
-"""A worker's engine when engine processes serve it: one connection pool per device, batches to the least loaded.
+"""A worker's engine when engine processes serve it: one connection pool per device, batches packed, then spread.
 
-:class:`RouterEngine` is an :class:`~service.engine.base.Engine`. Each batch goes to the device with the fewest
-of this worker's samples in flight (ties: the one given the fewest batches), so a client batch split over
-several engine batches can use several GPUs. It follows the engine board (:mod:`service.engine.board`): a
-device marked down is not used, and when its engine process is back (a new generation) a monitor thread
-attaches again (new socket, new arena, page-locked again by the new process).
+:class:`RouterEngine` is an :class:`~service.engine.base.Engine`. Each batch goes whole to one device, chosen by
+:func:`service.engine.routing.choose`: devices fill in order (so light loads merge into the runs of the first),
+the next joins once runs grow long with their size, and among those in use the batch goes to the one with the
+fewest of this worker's samples in flight; direct shared-memory batches spread over all of them.
+
+It follows the engine board (:mod:`service.engine.board`): a device marked down is not used, and when its engine
+process is back (a new generation) a monitor thread attaches again (new socket, new arena, page-locked again by
+the new process).
 
 When an engine process dies, only what it held fails: a batch whose request frame could not even be sent
 goes to another device untouched; a batch it was computing gets :class:`~service.engine.base.EngineLost`
@@ -29,8 +32,10 @@ from service.engine.base import EngineGone, EngineLost, EngineUnreached, EngineU
 from service.engine.board import EngineBoard
 from service.engine.device_jobs import DeviceJob
 from service.engine.devices import DeviceStatus
+from service.engine.direct import DirectJob
 from service.engine.regions import RegionRefused
 from service.engine.remote import Placeable, RemotePool
+from service.engine.routing import Candidate, Pace, choose
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often the monitor reads the board (one mmap read per device)
@@ -58,6 +63,7 @@ class _Device:
     batches: int = 0  # given so far (the tie-break)
     retry_at: float = 0.0
     closing: list[RemotePool] = field(default_factory=list)
+    pace: Pace = field(default_factory=Pace)  # its engine's run times (kept over restarts: the same device)
 
     @property
     def usable(self) -> bool:
@@ -74,6 +80,11 @@ def default_in_flight(connections: int, devices: int, workers: int) -> int:
     3.9-4.0 with two in flight (as with one device).
     """
     return max(connections, -(-connections * devices // workers))
+
+
+def _packs(parts: Sequence[Placeable]) -> bool:
+    """Whether a batch is packed onto the first devices: not when it holds direct jobs (see ``routing``)."""
+    return not any(isinstance(part, DirectJob) for part in parts)
 
 
 class RouterEngine:
@@ -164,6 +175,12 @@ class RouterEngine:
         status = self.board.status()
         return [DeviceStatus(s.device, s.up and ok, s.restarts) for s, ok in zip(status, attached, strict=True)]
 
+    def spilling(self) -> dict[str, bool]:
+        """Per device: its runs are long enough that the next device takes batches too (see ``routing``)."""
+        now = time.monotonic()
+        with self._lock:
+            return {d.label: d.pace.full(now) for d in self._devices}
+
     def load(self) -> dict[str, tuple[bool, int, int]]:
         """Per device, as this worker sees it: (usable, samples in flight, batches given so far)."""
         with self._lock:
@@ -171,12 +188,17 @@ class RouterEngine:
 
     # --- routing ----------------------------------------------------------------------------------------------
 
-    def _pick(self, samples: int, avoid: frozenset[int] | set[int] = frozenset()) -> int | None:
-        """The least-loaded usable device (call with the lock held); it counts ``samples`` as in flight."""
-        candidates = [i for i, d in enumerate(self._devices) if d.usable and i not in avoid]
+    def _pick(self, samples: int, avoid: frozenset[int] | set[int] = frozenset(), pack: bool = True) -> int | None:
+        """The usable device for the next batch (call with the lock held; see :func:`~service.engine.routing.choose`);
+        it counts ``samples`` as in flight."""
+        candidates = [
+            Candidate(i, d.in_flight, d.batches, d.pace)
+            for i, d in enumerate(self._devices)
+            if d.usable and i not in avoid
+        ]
         if not candidates:
             return None
-        index = min(candidates, key=lambda i: (self._devices[i].in_flight, self._devices[i].batches))
+        index = choose(candidates, time.monotonic(), pack)
         device = self._devices[index]
         device.in_flight += samples
         device.batches += 1
@@ -207,7 +229,7 @@ class RouterEngine:
 
     def run_timed(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         """The answer and the engine process's compute seconds (see :meth:`RemoteEngine.run_timed`)."""
-        return self._routed(int(x.shape[0]) if x.ndim else 0, lambda pool: pool.run_timed(x))
+        return self._routed(int(x.shape[0]) if x.ndim else 0, lambda pool: pool.run_timed(x), pack=True)
 
     def run_placed(self, parts: Sequence[Placeable]) -> tuple[list[np.ndarray | Exception], float]:
         """Answers and compute seconds of a batch holding shared-memory jobs (see :meth:`RemoteEngine.run_placed`);
@@ -215,9 +237,10 @@ class RouterEngine:
 
         A device job (CUDA shared memory) can only be computed by the engine process of its GPU: the batch goes
         there, and the rare batch holding device jobs of several GPUs is sent to each in turn (the other parts
-        with the first). A device job of a GPU no engine process serves gets RegionRefused (the caller copies)."""
+        with the first). A device job of a GPU no engine process serves gets RegionRefused (the caller copies).
+        A batch holding direct jobs (system shared memory) spreads over every device (see ``routing``)."""
         if not any(isinstance(part, DeviceJob) for part in parts):
-            return self._routed(sum(int(p.shape[0]) for p in parts), lambda pool: pool.run_placed(parts))
+            return self._routed(sum(int(p.shape[0]) for p in parts), lambda pool: pool.run_placed(parts), _packs(parts))
         answers: list[np.ndarray | Exception | None] = [None] * len(parts)
         groups: dict[int, list[int]] = {}
         loose: list[int] = []
@@ -233,7 +256,8 @@ class RouterEngine:
             next(iter(groups.values())).extend(loose)
         elif loose:  # every device job was refused: the rest is a batch like any other
             rest = [parts[k] for k in loose]
-            outs, compute_s = self._routed(sum(int(p.shape[0]) for p in rest), lambda pool: pool.run_placed(rest))
+            samples = sum(int(p.shape[0]) for p in rest)
+            outs, compute_s = self._routed(samples, lambda pool: pool.run_placed(rest), _packs(rest))
             for k, out in zip(loose, outs, strict=True):
                 answers[k] = out
         for index, members in groups.items():
@@ -247,8 +271,9 @@ class RouterEngine:
         """Whether an engine process of this service computes on GPU ``device`` (as clients number them)."""
         return self._index_of(device) is not None
 
-    def _routed(self, samples: int, call: Callable[[RemotePool], T]) -> T:
-        """``call`` on the least-loaded device's pool; another device when the batch never reached this one."""
+    def _routed(self, samples: int, call: Callable[[RemotePool], tuple[T, float]], pack: bool) -> tuple[T, float]:
+        """``call`` on the chosen device's pool (its result ends with the engine's compute seconds); another device
+        when the batch never reached this one."""
         reserved = self._release_reservation()
         tried: set[int] = set()
         while True:
@@ -258,7 +283,7 @@ class RouterEngine:
                     index = reserved[0]
                     self._devices[index].in_flight += samples
                 else:
-                    index = self._pick(samples, tried)
+                    index = self._pick(samples, tried, pack)
                 reserved = None
                 if index is None:
                     down = [d.label for d in self._devices if not d.usable]
@@ -267,8 +292,11 @@ class RouterEngine:
                 pool = device.pool
                 assert pool is not None
                 device.running += 1
+            compute_s = 0.0
             try:
-                return call(pool)
+                result = call(pool)
+                compute_s = result[1]
+                return result
             except EngineUnreached as exc:  # it never saw the batch: the input is intact, another device can
                 self._mark_down(index, pool, exc)
                 tried.add(index)
@@ -279,7 +307,7 @@ class RouterEngine:
                 self._mark_down(index, pool, exc)
                 raise RuntimeError(f"device {device.label}: {exc}") from exc
             finally:
-                self._finished(index, samples)
+                self._finished(index, samples, compute_s)
 
     def _on_device(self, index: int, parts: Sequence[Placeable]) -> tuple[list[np.ndarray | Exception], float]:
         """:meth:`RemoteEngine.run_placed` on device ``index``, the only one that can read its device jobs' memory:
@@ -294,8 +322,10 @@ class RouterEngine:
             entry.in_flight += samples
             entry.batches += 1
             entry.running += 1
+        compute_s = 0.0
         try:
-            return pool.run_placed(parts)
+            outs, compute_s = pool.run_placed(parts)
+            return outs, compute_s
         except EngineGone as exc:  # EngineUnreached included: the client memory is on that device only
             self._mark_down(index, pool, exc)
             raise EngineLost(f"the engine process of device {entry.label} is gone") from exc
@@ -303,7 +333,7 @@ class RouterEngine:
             self._mark_down(index, pool, exc)
             raise RuntimeError(f"device {entry.label}: {exc}") from exc
         finally:
-            self._finished(index, samples)
+            self._finished(index, samples, compute_s)
 
     def _index_of(self, device: str) -> int | None:
         """The engine of the GPU a client names (``--devices`` ordinal); with CPU engines (the test-only fake device
@@ -316,9 +346,11 @@ class RouterEngine:
             return 0
         return None
 
-    def _finished(self, index: int, samples: int) -> None:
+    def _finished(self, index: int, samples: int, compute_s: float = 0.0) -> None:
         with self._lock:
             device = self._devices[index]
+            quickest = device.pool.quickest_s if device.pool is not None else math.inf
+            device.pace.observe(compute_s, time.monotonic(), quickest)
             device.in_flight -= samples
             device.running -= 1
             closing = self._detach_if_idle(device)

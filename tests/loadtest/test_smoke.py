@@ -71,8 +71,9 @@ def test_service_benchmark_compares_device_sets_in_one_run(small_bundle: Path, t
     points = {r["server"]: r for r in document["results"]}
     assert set(points) == {"service@cpu", "service@cpu:2"}
     assert points["service@cpu"]["server_devices"].keys() == {"cpu"}
-    spread = points["service@cpu:2"]["server_devices"]
-    assert spread.keys() == {"cpu0", "cpu1"} and min(spread.values()) > 0, spread  # both engine processes computed
+    served = points["service@cpu:2"]["server_devices"]
+    # Both engine processes served; the first computed (a light load may stay there, see service/engine/routing.py).
+    assert served.keys() == {"cpu0", "cpu1"} and served["cpu0"] > 0, served
     (row,) = document["device_scaling"]
     assert (row["server"], row["vs"], row["concurrency"]) == ("service@cpu:2", "service@cpu", 4)
     assert "service@cpu:2 vs service@cpu at 4:" in result.stdout

@@ -312,3 +312,18 @@ def test_info_offers_only_buckets_up_to_the_hosts_max_batch_size() -> None:
     assert info["buckets"] == [1, 2, 4]
     assert (info["name"], info["dim"], info["dtype"], info["max_seq_len"]) == ("fake", 8, "float32", 64)
     assert EngineHost(FakeEngine(max_batch_size=8), max_batch_size=8).info()["buckets"] == [1, 2, 4, 8]
+
+
+def test_replies_tell_workers_the_quickest_run_so_far() -> None:
+    """Each worker's routing compares its runs with the engine's quickest (service/engine/routing.py), also a
+    worker whose own runs were all long."""
+    engine = FakeEngine(delay_s=0.01, sample_delay_s=0.01)
+    with hosting(engine, max_batch_size=8) as host, remotes(host.path, 2) as (short, long):
+        assert long.quickest_s == float("inf")  # nothing heard yet
+        long.run(sample(1, batch=6))
+        slow = long.quickest_s
+        assert slow >= 0.07
+        short.run(sample(2, batch=1))
+        assert 0.02 <= short.quickest_s < slow
+        long.run(sample(3, batch=6))
+        assert long.quickest_s == short.quickest_s  # the other worker's short run

@@ -61,26 +61,37 @@ def busy_device(router: RouterEngine) -> str:
     return next(label for label, (_, flight, _) in router.load().items() if flight)
 
 
-@pytest.mark.usefixtures("slow_fake_env")
-def test_batches_go_to_the_least_loaded_device_and_answers_are_right() -> None:
+@pytest.fixture
+def sized_fake_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine runs like a GPU's: 30 ms each plus 30 ms per sample, so a merged run of 8 takes 270 ms, 4.5 times
+    one of a single sample: long enough for the next device to join."""
+    use_env(
+        monkeypatch,
+        ENCODER_ENGINE="fake",
+        ENCODER_FAKE_DELAY_MS="30",
+        ENCODER_FAKE_SAMPLE_DELAY_MS="30",
+        ENCODER_MAX_BATCH_SIZE="8",
+        ENCODER_LOG_LEVEL="warning",
+    )
+
+
+@pytest.mark.usefixtures("sized_fake_env")
+def test_light_batches_pack_onto_the_first_device_and_long_runs_spread_over_both() -> None:
     with routed() as (_, router), ThreadPoolExecutor(4) as pool:
         assert router.devices == ["cpu0", "cpu1"] and router.concurrency == 4
-        xs = [sample(i, batch=1 + i % 3) for i in range(8)]
-        first = pool.submit(router.run, xs[0])
-        busy = busy_device(router)
-        second = pool.submit(router.run, xs[1])  # the other device is idle: it goes there
-        wait_until(lambda: all(flight for _, flight, _ in router.load().values()), "both devices to compute")
-        check(xs[0], first.result())
-        check(xs[1], second.result())
-        assert busy in router.devices
-        outs = list(pool.map(router.run, xs[2:]))
-        for x, out in zip(xs[2:], outs, strict=True):
+        for i in range(4):  # one at a time: short runs, all merged on the first device
+            x = sample(i)
+            check(x, router.run(x))
+        assert {label: batches for label, (_, _, batches) in router.load().items()} == {"cpu0": 4, "cpu1": 0}
+        buffer = router.input_buffer(2, 4)  # a region of the chosen device's arena: it runs where it lies
+        buffer[...] = sample(5)[:1].repeat(2, axis=0)
+        check(sample(5)[:1].repeat(2, axis=0), router.run(buffer))
+        assert router.load()["cpu1"][2] == 0
+        xs = [sample(10 + i, batch=8) for i in range(16)]  # four threads of full batches: long runs
+        for x, out in zip(xs, pool.map(router.run, xs), strict=True):
             check(x, out)
         given = {label: batches for label, (_, _, batches) in router.load().items()}
-        assert given["cpu0"] >= 3 and given["cpu1"] >= 3, given  # four threads over two devices: both busy
-        buffer = router.input_buffer(2, 4)  # a region of the chosen device's arena: it runs where it lies
-        buffer[...] = xs[3][:1].repeat(2, axis=0)
-        check(xs[3][:1].repeat(2, axis=0), router.run(buffer))
+        assert given["cpu1"] >= 3 and given["cpu0"] >= 3 + 5, given  # both compute now
 
 
 @pytest.mark.usefixtures("slow_fake_env")
