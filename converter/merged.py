@@ -107,16 +107,23 @@ class MergedRuns:
         with self._lock:
             return self._run_into_chunks([int(p.shape[0]) for p in parts], (ins, ats), chunk, seq, finite)
 
-    def run_device_into(self, parts: Sequence[Placed], outs: Sequence[Placed]) -> int:
+    def run_device_into(
+        self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None = None
+    ) -> int:
         """:meth:`run_into` where some parts or outs lie in this GPU's memory (:class:`DeviceRows`: a client's CUDA
         shared-memory region): each goes into its rows of the captured slot with one device-to-device copy, and
         its answer out of them with one; host arrays with one host-to-device / device-to-host copy each, as in
         ``run_into``. One serial batch on the smallest captured bucket that holds every row (no pipelining: the
         device copies cost microseconds). ValueError when no captured shape holds them, or an item is not one
         contiguous block of the session's dtype. Returns the batch size that ran, padding included.
+
+        ``finite`` (one flag per row of the parts) is filled with each row's finiteness from the graph's flags
+        output, copied out with the answers (no run of its own, no host read). Without that output
+        (:attr:`flags_device_rows` False) host rows are checked on the host and device rows are left True: the
+        caller checks those where they lie before.
         """
         if not any(isinstance(item, DeviceRows) for item in (*parts, *outs)):
-            return self.run_into(parts, outs)  # type: ignore[arg-type]  # all host arrays
+            return self.run_into(parts, outs, finite=finite)  # type: ignore[arg-type]  # all host arrays
         if not parts or len(parts) != len(outs):
             raise ValueError(f"run_device_into needs one out per part, got {len(parts)} parts and {len(outs)} outs")
         seq = int(parts[0].shape[1]) if parts[0].ndim == 3 else -1
@@ -130,9 +137,14 @@ class MergedRuns:
         if self._cuda is None:
             raise ValueError("device-resident parts need the CUDA path with captured slots (reads_device_memory)")
         buckets = sorted(b for b, s in self._graphs if s == seq and b >= rows)
+        if finite is not None and finite.shape != (rows,):
+            raise ValueError(f"finite must hold one flag per row ({rows}), got shape {finite.shape}")
         if not buckets:  # a shape that was not warmed up: through the host, still correct
-            return self._run_device_via_host(parts, outs)
+            return self._run_device_via_host(parts, outs, finite)
         slot, cuda = self._graphs[(buckets[0], seq)], self._cuda
+        if finite is not None and slot.flags is None:
+            finite[:] = np.concatenate([_host_finite(part) for part in parts])
+            finite = None
         with self._lock:
             at = slot.input.data_ptr()
             for part in parts:
@@ -146,15 +158,27 @@ class MergedRuns:
                 address, kind = target(out)
                 cuda.copy(address, at, out.nbytes, kind, self._out_stream)
                 at += out.nbytes
+            flags = None if finite is None else self._flag_buffer(rows)
+            if flags is not None:
+                cuda.copy(data_ptr(flags), slot.flags.data_ptr(), rows * flags.itemsize, D2H, self._out_stream)
             cuda.sync(self._out_stream)
+            if finite is not None and flags is not None:
+                finite[:] = flags[:rows] == 0  # NaN for a sample holding a NaN or an infinity
         return buckets[0]
+
+    @property
+    def flags_device_rows(self) -> bool:
+        """Does :meth:`run_device_into` flag the finiteness of device rows (the graph's flags output)?"""
+        return self._cuda is not None and self.flags_output is not None
 
     @property
     def reads_device_memory(self) -> bool:
         """Can :meth:`run_device_into` take device-resident parts (the CUDA path with captured slots)?"""
         return self._cuda is not None
 
-    def _run_device_via_host(self, parts: Sequence[Placed], outs: Sequence[Placed]) -> int:
+    def _run_device_via_host(
+        self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None = None
+    ) -> int:
         """:meth:`run_device_into` for a shape without a captured slot: device parts copied to the host, one
         :meth:`run`, answers copied back (rare: a sequence length that was not warmed up)."""
         assert self._cuda is not None
@@ -166,6 +190,8 @@ class MergedRuns:
                 part = host
             arrays.append(part)
         self._cuda.sync(self._in_stream)
+        if finite is not None:
+            finite[:] = np.concatenate([finite_rows(array) for array in arrays])
         answer = self.run(np.concatenate(arrays))
         offset = 0
         for out in outs:
@@ -232,3 +258,8 @@ class MergedRuns:
     def unregister_host(self, ptr: int) -> None:
         if self._cuda is not None:
             self._cuda.host_unregister(ptr)
+
+
+def _host_finite(part: Placed) -> np.ndarray:
+    """Row finiteness of a host part; True for device rows (checked by the caller where they lie)."""
+    return finite_rows(part) if isinstance(part, np.ndarray) else np.ones(int(part.shape[0]), bool)

@@ -38,8 +38,9 @@ class Job:
     seq: int
     arrived: float
     held: list[ClientRegion | CudaRegion] = field(default_factory=list)  # client regions it uses, until done
-    # Per part: read from a system client region (the direct path), so no worker checked its values: this process
-    # does, on the batch (CUDA regions' inputs are checked when the frame is read, see DeviceFinite).
+    # Per part: read from a client region (the direct paths), so no worker checked its values: this process does,
+    # on the batch (the graph's flags output; CUDA regions' inputs of an engine without it are checked when the
+    # frame is read instead, see DeviceFinite).
     checked: list[bool] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)  # parts in CUDA regions found holding a NaN or an Inf
 
@@ -50,7 +51,8 @@ class Job:
 
 
 class DeviceFinite:
-    """The NaN/Inf check of inputs in client CUDA regions, made at the first such part (on this GPU)."""
+    """The NaN/Inf check of inputs in client CUDA regions where the engine's batches cannot flag them (no flags
+    output in its graph): one run of its own per part, made at the first such part (on this GPU)."""
 
     def __init__(self, dtype: np.dtype[Any]) -> None:
         self.dtype = dtype
@@ -79,15 +81,19 @@ def read_job(worker: WorkerConnection, sequence: int, body: bytes, engine: Engin
     held: dict[int, ClientRegion | CudaRegion] = {}
     checked: list[bool] = []
     refused: list[int] = []
+    flagged = bool(getattr(engine, "flags_device_rows", False))  # its batches flag device rows too
     for index, (samples, source, source_offset, target, target_offset) in enumerate(specs):
         if samples < 1 or not 1 <= seq <= engine.max_seq_len:
             raise ValueError(f"invalid batch shape ({samples}, {seq})")
         shape = (samples, seq, engine.dim)
         parts.append(worker.view(source, source_offset, shape, engine.dtype))
-        if isinstance(worker.regions.get(source), CudaRegion) and not check(parts[-1]):
-            refused.append(index)  # no worker has seen these values: checked where they are
+        region = worker.regions.get(source)
+        # No worker has seen the values of a client region: flagged with the batch, or checked here and now.
+        now = isinstance(region, CudaRegion) and isinstance(parts[-1], DeviceRows) and not flagged
+        if now and not check(parts[-1]):
+            refused.append(index)
         outs.append(worker.view(target, target_offset, shape, engine.dtype))
-        checked.append(isinstance(worker.regions.get(source), ClientRegion))
+        checked.append(isinstance(region, ClientRegion | CudaRegion) and not now)
         for region_id in (source, target):
             if region_id != ipc.ARENA:
                 held[region_id] = worker.regions[region_id]
@@ -110,13 +116,9 @@ def run_parts(
         run_device_into = getattr(engine, "run_device_into", None)
         if run_device_into is None:
             raise RuntimeError("this engine cannot read device memory (CUDA shared memory needs the CUDA engine)")
-        if finite is not None:  # a rare mix: the host parts checked here, the device ones were when read
-            row = 0
-            for part in parts:
-                if isinstance(part, np.ndarray):
-                    finite[row : row + part.shape[0]] = finite_rows(part)
-                row += int(part.shape[0])
-        return int(run_device_into(parts, outs)), time.perf_counter() - started
+        if finite is None:
+            return int(run_device_into(parts, outs)), time.perf_counter() - started
+        return int(run_device_into(parts, outs, finite=finite)), time.perf_counter() - started
     arrays = [p for p in parts if isinstance(p, np.ndarray)]
     targets = [o for o in outs if isinstance(o, np.ndarray)]
     run_into = getattr(engine, "run_into", None)

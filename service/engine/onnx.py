@@ -82,12 +82,20 @@ class OnnxEngine:
         except Exception as exc:
             raise _classified(exc) from exc
 
-    def run_device_into(self, parts: Sequence[Placed], outs: Sequence[Placed]) -> int:
-        """One batch whose parts or answers may lie in this GPU's memory (client CUDA shared-memory regions)."""
+    def run_device_into(
+        self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None = None
+    ) -> int:
+        """One batch whose parts or answers may lie in this GPU's memory (client CUDA shared-memory regions);
+        ``finite``: flags to fill, one per row (from the graph's flags output: see ``flags_device_rows``)."""
         try:
-            return self.session.run_device_into(parts, outs)
+            return self.session.run_device_into(parts, outs, finite=finite)
         except Exception as exc:
             raise _classified(exc) from exc
+
+    @property
+    def flags_device_rows(self) -> bool:
+        """``run_device_into`` flags rows read from device memory (else they are checked before, where they lie)."""
+        return self.session.flags_device_rows
 
     @property
     def reads_device_memory(self) -> bool:

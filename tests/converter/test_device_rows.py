@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from converter import merged
 from converter.bundle import load_bundle
 from converter.device_rows import D2D, DeviceRows
+from converter.finite import finite_rows
 from converter.pinned import D2H, H2D, data_ptr
 from converter.providers import SessionOptions
 from converter.session import EncoderSession
 from tests.converter.fake_streams import FakeStreams
-from tests.converter.test_pipeline import TOLERANCE, cpu_answers, fake_device_session
+from tests.converter.test_pipeline import TOLERANCE, cpu_answers, fake_device_session, fake_flags_session
 
 
 class KindCheckingStreams(FakeStreams):
@@ -94,3 +96,29 @@ def test_refusals(small_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not session.reads_device_memory
     with pytest.raises(ValueError, match="reads_device_memory"):
         session.run_device_into([rows], [rows])
+
+
+def test_device_rows_are_flagged_by_the_graphs_own_output(small_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine process's CUDA path: a client's NaN found by the captured graph's flags output, copied out with
+    the answers: no check of its own per part, no host read."""
+    cuda = KindCheckingStreams()
+    session = fake_flags_session(small_bundle, monkeypatch, cuda)
+    for slot in session._graphs.values():
+        cuda.device += [slot.input.array, slot.output.array, slot.flags.array]
+    host_checks: list[int] = []
+    monkeypatch.setattr(merged, "finite_rows", lambda x: host_checks.append(1) or finite_rows(x))
+    rng = np.random.default_rng(9)
+    host_in = rng.standard_normal((1, 16, session.dim)).astype(np.float32)
+    client_in = rng.standard_normal((2, 16, session.dim)).astype(np.float32)
+    client_in[1, 3, 2] = np.nan
+    client_out, host_out = np.full_like(client_in, 7.0), np.full_like(host_in, 7.0)
+    cuda.device += [client_in, client_out]
+    finite = np.zeros(3, bool)
+    assert session.flags_device_rows
+    session.run_device_into([host_in, device_rows(client_in)], [host_out, device_rows(client_out)], finite=finite)
+    assert finite.tolist() == [True, True, False] and not host_checks
+    assert cuda.kinds[-1] == D2H  # the flags, after the answers
+    want = cpu_answers(small_bundle, [host_in, client_in[:1]])
+    tolerance = TOLERANCE[session.bundle.precision]
+    np.testing.assert_allclose(host_out, want[0], rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(client_out[:1], want[1], rtol=tolerance, atol=tolerance)  # the others unharmed
