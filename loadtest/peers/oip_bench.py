@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -53,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="PROTOCOL:BATCH (e.g. shm-http:16): py-spy the service at that load's top concurrency (repeatable)",
+    )
+    p.add_argument(
+        "--profile-clients",
+        action="store_true",
+        help="at --profile-point loads, py-spy the load's client processes as well as the service (role 'client')",
     )
     p.add_argument("--check-tolerance", type=float, default=2e-2, help="relative L2 error allowed per sample")
 
@@ -208,7 +214,8 @@ def oip_points(
                 profiler = None
                 if pid is not None and f"{protocol}:{batch}" in args.profile_point and conc == max(concs):
                     stem = args.out.with_name(f"{args.out.stem}-profile-{entry}-{protocol}-x{batch}-c{conc}.txt")
-                    profiler = profile.start(pid, args.duration + args.warmup, stem)
+                    root = os.getpid() if getattr(args, "profile_clients", False) else pid  # + this run's clients
+                    profiler = profile.start(root, args.duration + args.warmup, stem)
                 point = drive(spec, conc, args.clients, args.warmup, args.duration, client=oip_client_main)
                 if profiler is not None:
                     point["profile"] = profile.finish(profiler)

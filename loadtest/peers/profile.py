@@ -1,8 +1,9 @@
 """Where a server's CPU goes during one benchmark point: py-spy over the server and all its subprocesses.
 
 ``--profile`` (the top concurrency of the raw load) and ``--profile-point PROTOCOL:BATCH`` (the top concurrency of
-one OIP load, e.g. ``shm-http:16``) record with ``py-spy record --subprocesses --format raw`` (collapsed stacks,
-idle threads left out, so a sample is a thread running or runnable) and write next to the result file:
+one OIP load, e.g. ``shm-http:16``; with ``--profile-clients`` the load's client processes too) record with
+``py-spy record --subprocesses --format raw`` (collapsed stacks, idle threads left out, so a sample is a thread
+running or runnable) and write next to the result file:
 
 - ``<stem>-profile-<point>.txt``: the collapsed stacks, for flame-graph tools;
 - a summary in the point's JSON (``profile``): per process (the engine process, each worker), its share of the
@@ -79,11 +80,16 @@ def _frame_name(frame: str) -> str:
     return f"{match.group(1)} ({Path(match.group(2)).name})"
 
 
-def _role(cmdline: str) -> str:
+def _role(chain: list[str]) -> str:
+    """A process's role from its command line and its parents' (``chain``: the profiled root's first). Profiled
+    from the benchmark itself (``--profile-clients``), its own spawned processes are the load's clients."""
+    cmdline = chain[-1]
     if "service.engine.host" in cmdline:
         return "engine process"
+    if "bench_service" in cmdline:
+        return "benchmark"
     if "multiprocessing" in cmdline or "spawn_main" in cmdline:
-        return "worker"
+        return "client" if len(chain) > 1 and "bench_service" in chain[-2] else "worker"
     return "main"
 
 
@@ -105,7 +111,8 @@ def summarize(collapsed: str, seconds: float) -> dict[str, Any]:
         marks = [i for i, frame in enumerate(frames) if _PROCESS.match(frame)]
         match = _PROCESS.match(frames[marks[-1]]) if marks else None
         key = f"pid {match.group(1)}" if match else "?"
-        roles.setdefault(key, _role(match.group(2)) if match else "?")
+        chain = [m.group(2) for m in (_PROCESS.match(frames[i]) for i in marks) if m]
+        roles.setdefault(key, _role(chain) if match else "?")
         rest = frames[marks[-1] + 1 :] if marks else frames
         body = [_frame_name(f) for f in rest if not f.startswith("thread ")]
         samples[key] += count

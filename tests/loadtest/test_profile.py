@@ -65,3 +65,14 @@ def test_profiles_a_real_child_process(tmp_path: Path) -> None:
     assert process["self"][0][0] == "spin_here (spin.py)"
     assert process["busy_cores"] > 0.5  # one spinning thread is about one core
     assert Path(summary["stacks"]).read_text().count("spin_here") >= 1
+
+
+def test_profiled_from_the_benchmark_its_spawned_processes_are_clients_and_the_services_are_workers() -> None:
+    bench = 'process 5:"python loadtest/bench_service.py --profile-clients"'
+    spawned = 'process {}:"python -c from multiprocessing.spawn import spawn_main; spawn_main(1)"'
+    client = f"{bench};{spawned.format(6)};one (loadtest/peers/oip_loops.py:160) 30"
+    worker = f'{bench};process 9:"python -m service";{spawned.format(11)};infer (service/oip/rest.py:40) 50'
+    engine = f'{bench};process 9:"python -m service";{ENGINE};run_into (converter/session.py:200) 20'
+    summary = profile.summarize("\n".join([client, worker, engine]), seconds=1.0)
+    roles = {p["process"]: p["role"] for p in summary["processes"]}
+    assert roles == {"pid 6": "client", "pid 11": "worker", "pid 10": "engine process"}
