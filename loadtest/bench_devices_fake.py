@@ -88,7 +88,26 @@ def run_point(args: argparse.Namespace, devices: str) -> dict[str, Any]:
     result["cpu_s"] = {k: round(cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0), 2) for k in cpu_after}
     result["devices"] = devices
     result.update(batch_table(before, after))
+    computed = sum(e["samples"] for e in result["engine"].values())
+    result["cpu_ms_per_sample"] = 1e3 * sum(result["cpu_s"].values()) / computed if computed else None
     return result
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table."""
+    lines = [
+        "| `--devices` | samples/s | p50 / p99 ms | engine batches (device: count x mean samples) | worker batch "
+        "(mean samples) | service CPU ms per sample |",
+        "|---|---:|---|---|---:|---:|",
+    ]
+    for row in rows:
+        engine = ", ".join(f"{d}: {e['batches']} x {e['mean']:.1f}" for d, e in row["engine"].items())
+        cpu = row["cpu_ms_per_sample"]
+        lines.append(
+            f"| {row['devices']} | {row['samples_per_s']:,.0f} | {row['p50_ms']:.1f} / {row['p99_ms']:.1f} | {engine} "
+            f"| {row['workers']['mean']:.1f} | {'-' if cpu is None else f'{cpu:.2f}'} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"worker batches {row['workers']['batches']} x {row['workers']['mean']:.1f}  cpu s {row['cpu_s']}",
                 flush=True,
             )
+    print(table(rows))
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1))
     return 0

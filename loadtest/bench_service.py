@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="the service's --devices; repeat to compare in one run (e.g. --devices 0 --devices 0,1): every service "
-        "server runs once per value, its rows named service@<devices>",
+        "server runs once per value, its rows named service@<devices>; flags after the devices go to that server "
+        "only (e.g. --devices '0,1 --spread-ratio 0')",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the service at the top raw concurrency, if installed")
     p.add_argument("--ready-timeout", type=float, default=600.0)
@@ -125,7 +126,7 @@ def server_command(
     py, common = sys.executable, ["--host", "127.0.0.1", "--port", str(port)]
     if kind in OURS:
         cmd = [py, "-m", "service", *common, "--model-dir", str(args.model_dir), "--workers", str(args.workers)]
-        cmd += ["--devices", devices] if devices else []
+        cmd += ["--devices", *devices.split()] if devices else []  # flags after the devices: this server's
         cmd += ["--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms)]
         cmd += ["--seq-lens", str(args.seq), "--log-level", "warning"]
         if args.device == "cpu":
@@ -200,7 +201,8 @@ def run_servers(args: argparse.Namespace, dim: int) -> tuple[list[dict[str, Any]
             continue
         port, grpc_port, metrics_port = free_port(), free_port(), free_port()
         command, ready, env = server_command(kind, args, port, grpc_port, metrics_port, devices)
-        log_path = args.out.with_name(f"{args.out.stem}-{kind}{slug('-' + devices) if devices else ''}.log")
+        named = re.sub(r"[^a-z0-9]+", "-", devices.lower()).strip("-")
+        log_path = args.out.with_name(f"{args.out.stem}-{kind}{'-' + named if devices else ''}.log")
         first = len(results)
         server = ServerProcess(command, port, ready, log_path, env)
         server.start()

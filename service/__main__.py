@@ -54,6 +54,7 @@ _FLAG_TYPES: dict[str, Any] = {
     "engine_restart_backoff_s": float,
     "engine_restart_backoff_max_s": float,
     "in_flight_batches": int,
+    "spread_ratio": float,
 }
 _CHOICES = {
     "provider": ("auto", "tensorrt", "cuda", "cpu"),

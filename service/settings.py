@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         description="with engine processes: batches each worker keeps in flight to them at once (0: 2, or more "
         "when there are fewer workers than devices: 2 per device in all); more means smaller worker batches",
     )
+    spread_ratio: float = Field(
+        default=4.0,
+        ge=0,
+        description="with several devices: the next device takes batches once the runs of those before it take this "
+        "many times their quickest (light loads merge on the first device); 0: every batch to the least-loaded device",
+    )
     engine_dir: str | None = Field(
         default=None, description="internal: set by the supervisor: the engine processes' sockets and status board"
     )

@@ -18,7 +18,13 @@ def build_engine(settings: Settings, cancelled: Callable[[], bool] | None = None
         from service.engine.router import RouterEngine
 
         in_flight = settings.in_flight_batches or None
-        return RouterEngine(settings.engine_dir, cancelled=cancelled, in_flight=in_flight, workers=settings.workers)
+        return RouterEngine(
+            settings.engine_dir,
+            cancelled=cancelled,
+            in_flight=in_flight,
+            workers=settings.workers,
+            spread_ratio=settings.spread_ratio,
+        )
     if settings.engine == "fake":
         # Test-only: lets reliability tests count engine calls and inject faults inside a real server process.
         from service.engine.fake import FakeEngine

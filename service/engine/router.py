@@ -35,7 +35,7 @@ from service.engine.devices import DeviceStatus
 from service.engine.direct import DirectJob
 from service.engine.regions import RegionRefused
 from service.engine.remote import Placeable, RemotePool
-from service.engine.routing import Candidate, Pace, choose
+from service.engine.routing import SPREAD_RATIO, Candidate, Pace, choose
 
 log = logging.getLogger(__name__)
 POLL_S = 0.05  # how often the monitor reads the board (one mmap read per device)
@@ -106,11 +106,14 @@ class RouterEngine:
         cancelled: Callable[[], bool] | None = None,
         in_flight: int | None = None,
         workers: int = 1,
+        spread_ratio: float = SPREAD_RATIO,
     ) -> None:
         self.board = EngineBoard(directory)
         self.connections = connections
+        self.spread_ratio = spread_ratio  # 0: every batch to the least-loaded device (see routing)
         self._devices = [
-            _Device(label, path) for label, path in zip(self.board.devices, self.board.sockets, strict=True)
+            _Device(label, path, pace=Pace(spread_ratio=spread_ratio))
+            for label, path in zip(self.board.devices, self.board.sockets, strict=True)
         ]
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -198,7 +201,7 @@ class RouterEngine:
         ]
         if not candidates:
             return None
-        index = choose(candidates, time.monotonic(), pack)
+        index = choose(candidates, time.monotonic(), pack and self.spread_ratio > 0)
         device = self._devices[index]
         device.in_flight += samples
         device.batches += 1

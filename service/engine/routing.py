@@ -4,11 +4,11 @@ Each engine process merges whatever waits for it into one run, and a run of a fe
 as a run of one (on a GPU: launches, copies, the wait for the device, the engine process's own loop). Least-loaded
 routing sent a worker's consecutive batches to different devices, so with two GPUs each engine merged half as
 many samples per run and both paid that fixed cost: raw HTTP on two H200s served 0.76x the samples/s of one GPU
-(engine batches of 3.9 samples instead of 8.2; the CPU reproduction, ``--devices cpu:2`` with the fake engine,
-halves them the same way). So batches are *packed*: every worker prefers the devices in the same order, and the
-next device joins only when the runs of those before it take :data:`SPREAD_RATIO` times their quickest run, that
-is when most of a run's time grows with its size and half of it on another device finishes sooner. Among the
-devices in use, the batch goes to the least loaded (this worker's samples in flight there, then the fewest given).
+(engine batches of 3.9 samples instead of 8.2, each GPU busy twice as long in all). So batches are *packed*: every
+worker prefers the devices in the same order, and the next device joins only when the runs of those before it take
+``--spread-ratio`` (4) times their quickest run, that is when most of a run's time grows with its size and half of
+it on another device finishes sooner. Among the devices in use, the batch goes to the least loaded (this worker's
+samples in flight there, then the fewest given). ``--spread-ratio 0`` spreads every batch that way over all devices.
 
 Direct shared-memory batches are always spread over every device: the engine process reads, checks and copies
 their inputs itself, so its own loop is their limit and a second engine doubles it (two H200s: 2.09x at client
@@ -21,13 +21,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-# Runs this many times the quickest: the next device joins. Not lower: run times also stretch when the host's CPU is
-# busy (a GPU run of a few samples took 1.07 ms on average, its quickest well under that), which another device
-# would not cure.
+# Runs this many times the quickest: the next device joins (the default of --spread-ratio). Not lower: run times also
+# stretch when the host's CPU is busy (a GPU run of a few samples took 1.07 ms on average, its quickest well under
+# that), which another device would not cure.
 SPREAD_RATIO = 4.0
-# ... and it leaves again only below this: spread over two devices, runs of 4x (a fixed cost a and 3a that grows with
-# the batch) become 2.5x, which must not look empty at once, or batches would flap between packed and spread.
-PACK_RATIO = 2.0
+# ... and it leaves again only below half that: spread over two devices, runs of 4x (a fixed cost a and 3a that grows
+# with the batch) become 2.5x, which must not look empty at once, or batches would flap between packed and spread.
+PACK_SHARE = 0.5
 WEIGHT = 0.2  # of a new run time in the running average
 STALE_S = 0.5  # run times older than this say nothing about the device now
 
@@ -40,6 +40,7 @@ class Pace:
     recent: float = 0.0  # running average of the last runs
     at: float = -math.inf  # monotonic time of the last one
     spilling: bool = False  # full as of the last run
+    spread_ratio: float = SPREAD_RATIO
 
     def observe(self, compute_s: float, now: float, engine_quickest: float = math.inf) -> None:
         """A run of ``compute_s`` just ended; ``engine_quickest``: the quickest run the engine process knows of
@@ -50,10 +51,11 @@ class Pace:
         fresh = now - self.at <= STALE_S
         self.recent = self.recent + WEIGHT * (compute_s - self.recent) if fresh else compute_s
         self.at = now
-        self.spilling = self.recent >= (PACK_RATIO if self.spilling else SPREAD_RATIO) * self.quickest
+        ratio = self.spread_ratio * (PACK_SHARE if self.spilling else 1.0)
+        self.spilling = self.recent >= ratio * self.quickest
 
     def full(self, now: float) -> bool:
-        """Its recent runs take SPREAD_RATIO times its quickest (then until they are back under PACK_RATIO times):
+        """Its recent runs take ``spread_ratio`` times its quickest (then until they are back under half that):
         more samples there would make them longer still, and the next device would finish some of them sooner."""
         return self.spilling and now - self.at <= STALE_S
 

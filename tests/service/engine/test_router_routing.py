@@ -147,3 +147,18 @@ def test_a_device_that_is_down_is_skipped_and_the_next_packs(router: RouterEngin
     for batch in (1, 2, 1):
         router.run(x(batch))
     assert [len(batches) for batches in given(router)[1:]] == [3]
+
+
+def test_spread_ratio_zero_spreads_every_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    board = EngineBoard.create(str(tmp_path), ["gpu0", "gpu1"])
+    for index in range(2):
+        board.write(index, Slot(True, 1, 0))
+    monkeypatch.setattr(router_module, "RemotePool", FakePool)
+    engine = RouterEngine(str(tmp_path), spread_ratio=0.0)
+    try:
+        for batch in (1, 2, 1, 2):
+            engine.run(x(batch))
+        assert given(engine) == [[1, 1], [2, 2]]
+    finally:
+        engine.close()
+        board.close()

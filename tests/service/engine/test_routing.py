@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from service.engine.routing import PACK_RATIO, SPREAD_RATIO, STALE_S, Candidate, Pace, choose
+from service.engine.routing import PACK_SHARE, SPREAD_RATIO, STALE_S, Candidate, Pace, choose
+
+PACK_RATIO = SPREAD_RATIO * PACK_SHARE
 
 
 def paced(*runs: float, now: float = 10.0) -> Pace:
@@ -65,6 +67,13 @@ def test_a_run_time_of_zero_says_nothing() -> None:
     pace = paced(0.002)
     pace.observe(0.0, 10.0)
     assert pace.quickest == 0.002 and pace.recent == 0.002
+
+
+def test_a_lower_spread_ratio_spreads_sooner() -> None:
+    eager = Pace(spread_ratio=2.0)
+    for run in (0.001, *[0.0025] * 20):
+        eager.observe(run, 10.0)
+    assert eager.full(10.0) and not paced(0.001, *[0.0025] * 20).full(10.0)
 
 
 def test_without_packing_the_least_loaded_of_all_takes_the_batch() -> None:
