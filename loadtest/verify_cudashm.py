@@ -172,9 +172,9 @@ def check_answers(s: Session, checks: Checks, batch: int) -> None:
                     f"x{batch} fp16 over {transport} equals /encode", *compare(out.read(x.dtype, x.shape), expected)
                 )
             taken = {path: count - before[path] for path, count in s.paths().items()}
-            # Engine processes (several workers on a GPU) and an FP16 bundle: the engine process copies device to
-            # device; otherwise (an engine in the worker, the fake layer's CPU run) the worker copies.
-            direct = not s.args.fake and s.args.workers > 1 and s.model_datatype == "FP16"
+            # Engine processes (several workers) and an FP16 bundle: the engine process copies device to device (the
+            # fake layer's CPU run too, its "device" memory being host memory); otherwise the worker copies.
+            direct = s.args.workers > 1 and s.model_datatype == "FP16"
             wanted = {"direct": 2, "copied": 0} if direct else {"direct": 0, "copied": 2}
             checks.record(
                 f"x{batch} fp16 took the {'device-to-device' if direct else 'copied'} path", taken == wanted, taken
@@ -269,7 +269,8 @@ def service(args: argparse.Namespace) -> Iterator[tuple[ServerProcess, str]]:
     cmd += ["--model-dir", str(args.model_dir), "--workers", str(args.workers), "--seq-lens", str(args.seq)]
     cmd += ["--shared-memory", "system,cuda", "--max-batch-size", str(max(64, *args.batch_list))]
     cmd += ["--provider", args.provider, "--log-level", "warning"]
-    cmd += ["--cuda-memory", "fake"] if args.fake else []
+    # The CPU self-test: the fake device layer, and engine processes as on a GPU (the device-to-device path).
+    cmd += ["--cuda-memory", "fake", "--shared-engine", "on"] if args.fake else []
     server = ServerProcess(cmd, port, "/readyz", Path(f"/tmp/verify-cudashm-{port}.log"))
     server.start()
     try:

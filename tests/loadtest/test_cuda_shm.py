@@ -73,10 +73,15 @@ def test_the_benchmark_drives_cuda_shared_memory_on_the_fake_layer(small_fp16_bu
 
 
 @pytest.mark.slow
-def test_the_verification_script_passes_on_the_fake_layer(small_bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_the_verification_script_passes_on_the_fake_layer(
+    precision: str, small_bundle: Path, small_fp16_bundle: Path, tmp_path: Path
+) -> None:
+    # fp16: requests computed device to device by the engine process (as on a GPU); fp32: copied by the workers.
     out = tmp_path / "verify.json"
+    bundle = small_fp16_bundle if precision == "fp16" else small_bundle
     command = [sys.executable, "loadtest/verify_cudashm.py", "--fake", "--provider", "cpu"]
-    command += ["--model-dir", str(small_bundle), "--seq", "64", "--batches", "1,4", "--cycles", "10"]
+    command += ["--model-dir", str(bundle), "--seq", "64", "--batches", "1,4", "--cycles", "10"]
     command += ["--out", str(out)]
     result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
