@@ -18,7 +18,16 @@ import numpy as np
 from converter.device_rows import DeviceRows, Placed, contiguous, source, target
 from converter.finite import finite_rows
 from converter.pinned import D2H, H2D, CudaRuntime, PinnedPool, data_ptr
-from converter.pipeline import Slot, assign_slots, chunk_sizes, copy_plan, cross_aliased, pick_chunk, run_chunks
+from converter.pipeline import (
+    Slot,
+    assign_slots,
+    chunk_sizes,
+    copy_plan,
+    cross_aliased,
+    pick_chunk,
+    run_chunks,
+    serial_pieces,
+)
 from converter.providers import SessionOptions
 
 if TYPE_CHECKING:
@@ -107,15 +116,14 @@ class MergedRuns:
         with self._lock:
             return self._run_into_chunks([int(p.shape[0]) for p in parts], (ins, ats), chunk, seq, finite)
 
-    def run_device_into(
-        self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None = None
-    ) -> int:
+    def run_device_into(self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None = None) -> int:
         """:meth:`run_into` where some parts or outs lie in this GPU's memory (:class:`DeviceRows`: a client's CUDA
         shared-memory region): each goes into its rows of the captured slot with one device-to-device copy, and
         its answer out of them with one; host arrays with one host-to-device / device-to-host copy each, as in
-        ``run_into``. One serial batch on the smallest captured bucket that holds every row (no pipelining: the
-        device copies cost microseconds). ValueError when no captured shape holds them, or an item is not one
-        contiguous block of the session's dtype. Returns the batch size that ran, padding included.
+        ``run_into``. Serial runs (no pipelining: the device copies cost microseconds) on the smallest captured
+        bucket that holds every row, or on a few buckets where that one would pad far (:func:`serial_pieces`).
+        ValueError when an item is not one contiguous block of the session's dtype. Returns the rows that ran,
+        padding included.
 
         ``finite`` (one flag per row of the parts) is filled with each row's finiteness from the graph's flags
         output, copied out with the answers (no run of its own, no host read). Without that output
@@ -141,30 +149,42 @@ class MergedRuns:
             raise ValueError(f"finite must hold one flag per row ({rows}), got shape {finite.shape}")
         if not buckets:  # a shape that was not warmed up: through the host, still correct
             return self._run_device_via_host(parts, outs, finite)
-        slot, cuda = self._graphs[(buckets[0], seq)], self._cuda
-        if finite is not None and slot.flags is None:
+        ins, ats = [source(part) for part in parts], [target(out) for out in outs]
+        sizes = serial_pieces(rows, sorted(b for b, s in self._graphs if s == seq))
+        nbytes = [part.nbytes for part in parts]
+        if len(sizes) > 1 and cross_aliased(
+            [(a, n) for (a, _), n in zip(ins, nbytes, strict=True)],
+            [(a, n) for (a, _), n in zip(ats, nbytes, strict=True)],
+        ):
+            sizes = [buckets[0]]  # an answer could land on input rows of a later piece: every input in first
+        slots, cuda = [self._graphs[(size, seq)] for size in sizes], self._cuda
+        if finite is not None and any(slot.flags is None for slot in slots):
             finite[:] = np.concatenate([_host_finite(part) for part in parts])
             finite = None
+        row_bytes = seq * self.dim * self.dtype.itemsize
+        flags = None if finite is None else self._flag_buffer(rows)
         with self._lock:
-            at = slot.input.data_ptr()
-            for part in parts:
-                address, kind = source(part)
-                cuda.copy(at, address, part.nbytes, kind, self._in_stream)
-                at += part.nbytes
-            cuda.sync(self._in_stream)
-            self.session.run_with_iobinding(slot.binding, slot.run_options)
-            at = slot.output.data_ptr()
-            for out in outs:
-                address, kind = target(out)
-                cuda.copy(address, at, out.nbytes, kind, self._out_stream)
-                at += out.nbytes
-            flags = None if finite is None else self._flag_buffer(rows)
-            if flags is not None:
-                cuda.copy(data_ptr(flags), slot.flags.data_ptr(), rows * flags.itemsize, D2H, self._out_stream)
+            first = 0
+            for slot, spans in zip(slots, copy_plan([int(p.shape[0]) for p in parts], sizes), strict=True):
+                for span in spans:  # into the slot, then run: one piece of the batch
+                    address, kind = ins[span.part]
+                    at = slot.input.data_ptr() + span.slot_row * row_bytes
+                    cuda.copy(at, address + span.part_row * row_bytes, span.rows * row_bytes, kind, self._in_stream)
+                cuda.sync(self._in_stream)
+                self.session.run_with_iobinding(slot.binding, slot.run_options)
+                for span in spans:  # the answers out (distinct slots: the next piece does not wait for them)
+                    address, kind = ats[span.part]
+                    at = slot.output.data_ptr() + span.slot_row * row_bytes
+                    cuda.copy(address + span.part_row * row_bytes, at, span.rows * row_bytes, kind, self._out_stream)
+                done = sum(span.rows for span in spans)
+                if flags is not None:
+                    where = data_ptr(flags) + first * flags.itemsize
+                    cuda.copy(where, slot.flags.data_ptr(), done * flags.itemsize, D2H, self._out_stream)
+                first += done
             cuda.sync(self._out_stream)
             if finite is not None and flags is not None:
                 finite[:] = flags[:rows] == 0  # NaN for a sample holding a NaN or an infinity
-        return buckets[0]
+        return sum(sizes)
 
     @property
     def flags_device_rows(self) -> bool:

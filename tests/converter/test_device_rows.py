@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter import merged
+from converter import merged, pipeline
 from converter.bundle import load_bundle
 from converter.device_rows import D2D, DeviceRows
 from converter.finite import finite_rows
@@ -122,3 +122,37 @@ def test_device_rows_are_flagged_by_the_graphs_own_output(small_bundle: Path, mo
     tolerance = TOLERANCE[session.bundle.precision]
     np.testing.assert_allclose(host_out, want[0], rtol=tolerance, atol=tolerance)
     np.testing.assert_allclose(client_out[:1], want[1], rtol=tolerance, atol=tolerance)  # the others unharmed
+
+
+def test_a_batch_that_would_pad_far_runs_as_pieces_on_distinct_slots(
+    small_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """7 rows on buckets 1..8 with pieces from 2 rows on: 4 + 2 + 1 (three runs, no padding), each row's answer
+    and flag from the piece it ran in; an out over another part's input keeps one batch (inputs in first)."""
+    monkeypatch.setattr(pipeline, "SPLIT_FROM", 2)
+    cuda = KindCheckingStreams()
+    session = fake_flags_session(small_bundle, monkeypatch, cuda)
+    for slot in session._graphs.values():
+        cuda.device += [slot.input.array, slot.output.array, slot.flags.array]
+    rng = np.random.default_rng(10)
+    host_in = rng.standard_normal((2, 16, session.dim)).astype(np.float32)
+    client_in = rng.standard_normal((5, 16, session.dim)).astype(np.float32)
+    client_in[4, 0, 0] = np.inf  # row 6 of the batch: the last piece's
+    client_out, host_out = np.full_like(client_in, 7.0), np.full_like(host_in, 7.0)
+    cuda.device += [client_in, client_out]
+    finite = np.zeros(7, bool)
+    before = cuda.launches
+    ran = session.run_device_into([host_in, device_rows(client_in)], [host_out, device_rows(client_out)], finite)
+    assert ran == 7 and cuda.launches - before == 3
+    assert finite.tolist() == [True] * 6 + [False]
+    want = cpu_answers(small_bundle, [host_in, client_in[:4]])
+    tolerance = TOLERANCE[session.bundle.precision]
+    np.testing.assert_allclose(host_out, want[0], rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(client_out[:4], want[1], rtol=tolerance, atol=tolerance)
+
+    before = cuda.launches
+    shared = rng.standard_normal((5, 16, session.dim)).astype(np.float32)
+    cuda.device.append(shared)
+    parts = [device_rows(shared[0:3]), device_rows(shared[3:5])]  # 5 rows: pieces 4 + 1 if nothing overlapped
+    outs = [device_rows(shared[2:5]), device_rows(client_out[:2])]  # part 0's answer over part 1's input
+    assert session.run_device_into(parts, outs) == 8 and cuda.launches - before == 1

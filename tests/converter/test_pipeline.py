@@ -24,6 +24,7 @@ from converter.pipeline import (
     cross_aliased,
     pick_chunk,
     run_chunks,
+    serial_pieces,
 )
 from converter.providers import CPU, SessionOptions
 from converter.session import EncoderSession, GraphSlot
@@ -41,6 +42,21 @@ def test_chunk_sizes_fill_full_chunks_then_the_smallest_bucket_for_the_rest() ->
     assert chunk_sizes(64, 64, BUCKETS) == [64]
     with pytest.raises(ValueError):
         chunk_sizes(0, 16, BUCKETS)
+
+
+def test_serial_pieces_cut_a_batch_that_would_pad_far_into_distinct_buckets() -> None:
+    buckets = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert serial_pieces(152, buckets) == [128, 32]  # not 256: 104 padding rows
+    assert serial_pieces(100, buckets) == [64, 32, 4]
+    assert serial_pieces(200, buckets) == [128, 64, 8]
+    assert serial_pieces(255, buckets) == [256] and serial_pieces(128, buckets) == [128]  # little padding: one run
+    assert serial_pieces(24, buckets) == [32]  # too few rows to be worth a second launch
+    assert serial_pieces(80, [8, 64, 100]) == [100]  # 64 + 8 + 8 would need one bucket twice
+    for rows in range(1, 257):
+        pieces = serial_pieces(rows, buckets)
+        assert sum(pieces) >= rows and len(set(pieces)) == len(pieces) and pieces == sorted(pieces, reverse=True)
+    with pytest.raises(ValueError):
+        serial_pieces(300, buckets)
 
 
 def test_copy_plan_spans_parts_across_chunks_and_chunks_across_parts() -> None:
