@@ -14,7 +14,7 @@ handed over as views; every other field is still parsed by the generated message
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,9 +331,14 @@ def model_config(values: Mapping[str, Any]) -> pb.ModelConfigResponse:
     return pb.ModelConfigResponse(config=from_dict(mc.ModelConfig(), values))
 
 
-def region_status(values: Mapping[str, Any]) -> pb.SystemSharedMemoryStatusResponse.RegionStatus:
-    return from_dict(pb.SystemSharedMemoryStatusResponse.RegionStatus(), values)
+def _regions(regions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """A registry's status list as the responses' ``regions`` map, keyed by region name."""
+    return {"regions": {region["name"]: region for region in regions}}
 
 
-def cuda_region_status(values: Mapping[str, Any]) -> pb.CudaSharedMemoryStatusResponse.RegionStatus:
-    return from_dict(pb.CudaSharedMemoryStatusResponse.RegionStatus(), values)
+def system_shm_status(regions: Iterable[Mapping[str, Any]]) -> pb.SystemSharedMemoryStatusResponse:
+    return from_dict(pb.SystemSharedMemoryStatusResponse(), _regions(regions))
+
+
+def cuda_shm_status(regions: Iterable[Mapping[str, Any]]) -> pb.CudaSharedMemoryStatusResponse:
+    return from_dict(pb.CudaSharedMemoryStatusResponse(), _regions(regions))

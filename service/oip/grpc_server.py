@@ -140,10 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
-        response = pb.SystemSharedMemoryStatusResponse()
-        for region in self._registry().status(request.name or None):
-            response.regions[region["name"]].CopyFrom(codec.region_status(region))
-        return response
+        return codec.system_shm_status(self._registry().status(request.name or None))
 
     @rpc
     async def SystemSharedMemoryRegister(
@@ -170,10 +167,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Any
     ) -> pb.CudaSharedMemoryStatusResponse:
-        response = pb.CudaSharedMemoryStatusResponse()
-        for region in self._cuda().status(request.name or None):
-            response.regions[region["name"]].CopyFrom(codec.cuda_region_status(region))
-        return response
+        return codec.cuda_shm_status(self._cuda().status(request.name or None))
 
     @rpc
     async def CudaSharedMemoryRegister(

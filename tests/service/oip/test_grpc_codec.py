@@ -171,6 +171,16 @@ def test_metadata_and_statistics_from_the_rest_json_shape() -> None:
         codec.model_metadata({"no_such_field": 1})
 
 
+def test_shared_memory_status_keys_each_region_by_its_name() -> None:
+    regions = [{"name": "a", "key": "/a", "offset": 0, "byte_size": 64}, {"name": "b/c", "key": "/b", "byte_size": 8}]
+    system = codec.system_shm_status(regions)
+    assert sorted(system.regions) == ["a", "b/c"]
+    assert (system.regions["b/c"].key, system.regions["b/c"].byte_size) == ("/b", 8)
+    cuda = codec.cuda_shm_status([{"name": "g", "device_id": 1, "byte_size": 256}])
+    assert (cuda.regions["g"].name, cuda.regions["g"].device_id, cuda.regions["g"].byte_size) == ("g", 1, 256)
+    assert not codec.cuda_shm_status([]).regions
+
+
 def full_parse_equals(msg: pb.ModelInferRequest) -> None:
     """The zero-copy deserializer sees exactly what protobuf sees: the same fields, the same raw contents."""
     data = msg.SerializeToString()
