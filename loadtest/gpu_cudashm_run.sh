@@ -45,6 +45,7 @@ WARMUP=${WARMUP:-1}
 MAX_BATCH=${MAX_BATCH:-256}                  # the service's largest engine batch
 CYCLES=${CYCLES:-100}                        # register/infer/unregister cycles of the verification's leak check
 PROFILE_POINTS=${PROFILE_POINTS:-cuda-shm:1}  # py-spy the service and the clients at these loads (comma-separated)
+CUDA_CHECK_EVERY=${CUDA_CHECK_EVERY:-1}      # CUDA loads: read back the values of every N-th answer per client slot
 BUDGET_S=${BUDGET_S:-540}                    # each of the two steps is stopped past this
 
 if [ "$DEVICE" = cuda ] && [ ! -f "$BUNDLE/manifest.json" ]; then
@@ -66,7 +67,8 @@ timeout --signal=INT --kill-after=20 "$BUDGET_S" "$PY" loadtest/bench_service.py
   --device "$DEVICE" --model-dir "$BUNDLE" --servers service "${devices[@]}" --protocols "$PROTOCOLS" \
   --client-batches "$BATCHES" --concurrency "$CONCURRENCY" --batch-inflight-samples "$BATCH_SAMPLES" \
   --duration "$DURATION" --warmup "$WARMUP" --workers "$WORKERS" --clients "$CLIENTS" --seq "$SEQ" \
-  --max-batch-size "$MAX_BATCH" --max-delay-ms 0 "${profile_flags[@]}" --out "$OUT/bench.json" \
+  --max-batch-size "$MAX_BATCH" --max-delay-ms 0 --cuda-check-every "$CUDA_CHECK_EVERY" "${profile_flags[@]}" \
+  --out "$OUT/bench.json" \
   2>&1 | tee "$OUT/bench.log"
 benched=${PIPESTATUS[0]}
 echo "verification exit code $verified, benchmark exit code $benched; results in $OUT" | tee -a "$OUT/bench.log"

@@ -68,13 +68,23 @@ def in_cuda_regions(
     spec: OipSpec, rec: Recorder, slots: int, control: Callable[[], Any], stack: contextlib.ExitStack
 ) -> Placement:
     """The load's placement (see :class:`loadtest.peers.oip_clients.Placement`): the input region, and one output
-    region per slot, poisoned on the checked rows before each request."""
+    region per slot, poisoned on the checked rows before each request whose values are checked (every
+    ``spec.cuda_check_every``-th of the slot; the others' sizes only, counted as ``values_unchecked``)."""
     inp, outs = stack.enter_context(cuda_regions(spec, slots, control()))
+    sent = [0] * slots
+
+    def checked(slot: int) -> bool:
+        return spec.cuda_check_every <= 1 or sent[slot] % spec.cuda_check_every == 1
 
     def poison(slot: int) -> None:
-        outs[slot].poison_rows(spec.inputs.dtype, spec.inputs.shape, rec.check.rows)
+        sent[slot] += 1
+        if checked(slot):
+            outs[slot].poison_rows(spec.inputs.dtype, spec.inputs.shape, rec.check.rows)
 
     def answer(slot: int, declared: int | None) -> str | None:
-        return check(spec, rec, outs[slot], declared)
+        if checked(slot):
+            return check(spec, rec, outs[slot], declared)
+        rec.check.counts["values_unchecked"] = rec.check.counts.get("values_unchecked", 0) + 1
+        return rec.check.size(declared)
 
     return Placement(inp.name, lambda slot: (outs[slot].name, 0), poison, answer)

@@ -61,6 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="at --profile-point loads, py-spy the load's client processes as well as the service (role 'client')",
     )
     p.add_argument("--check-tolerance", type=float, default=2e-2, help="relative L2 error allowed per sample")
+    p.add_argument(
+        "--cuda-check-every",
+        type=int,
+        default=1,
+        help="CUDA shared-memory loads: read back and check the values of every N-th answer of a client slot (the "
+        "device reads stall the client process; every answer's size is checked)",
+    )
 
 
 def oip_protocols(args: argparse.Namespace) -> list[str]:
@@ -206,7 +213,17 @@ def oip_points(
         for batch in args.client_batch_list:
             inputs, expected = refs.get(batch)
             fake = args.device == "cpu"  # CUDA shared memory on the CPU: the service's fake layer (self-test)
-            spec = OipSpec(protocol, http, grpc, inputs, expected, tolerance=args.check_tolerance, cuda_fake=fake)
+            every = getattr(args, "cuda_check_every", 1)
+            spec = OipSpec(
+                protocol,
+                http,
+                grpc,
+                inputs,
+                expected,
+                tolerance=args.check_tolerance,
+                cuda_fake=fake,
+                cuda_check_every=every,
+            )
             concs = concurrencies(args, batch)
             for conc in concs:
                 log.info("%s %s x%d at concurrency %d for %.0f s", entry, protocol, batch, conc, args.duration)

@@ -35,6 +35,10 @@ class OipSpec:
     full_every: int = 50
     cuda_device: int = 0  # CUDA shared memory: the GPU the client allocates on (the service's ordinal)
     cuda_fake: bool = False  # CUDA shared memory through the service's test-only fake layer (CPU self-test)
+    # CUDA shared memory: the values of every n-th answer of a slot are read from the device and checked (each
+    # check costs the client process two device operations, during which its other requests wait); every
+    # answer's size is checked.
+    cuda_check_every: int = 1
 
     @property
     def samples(self) -> int:

@@ -135,3 +135,33 @@ def test_a_refusal_case_that_is_accepted_is_unregistered_and_a_stale_handle_is_n
     assert server.regions == set()
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("NOTE")]
     assert len(notes) == 2 and all("cannot tell" in line and "unregister" in line for line in notes)
+
+
+class _Registrar:
+    def register_cuda_shared_memory(self, *args: object) -> None:
+        pass
+
+    def unregister_cuda_shared_memory(self, *args: object) -> None:
+        pass
+
+
+def test_with_check_every_n_only_every_nth_answer_of_a_slot_is_poisoned_and_read_back() -> None:
+    import contextlib
+
+    from loadtest.peers.cuda_clients import in_cuda_regions
+
+    inputs = fixed_inputs(1, 8, 16)
+    spec = OipSpec("cuda-shm", "h:1", "h:2", inputs, inputs.astype(np.float32), cuda_fake=True, cuda_check_every=3)
+    rec = Recorder(spec, (0.0, 1e12))
+    with contextlib.ExitStack() as stack:
+        placement = in_cuda_regions(spec, rec, 2, _Registrar, stack)
+        assert placement.answer is not None
+        verdicts = []
+        for _ in range(4):  # the server never writes: a checked answer is the poison, an unchecked one its size
+            placement.poison(0)
+            verdicts.append(placement.answer(0, spec.nbytes))
+        placement.poison(1)
+        slot1 = placement.answer(1, spec.nbytes)
+    assert ["non-finite" in (v or "") for v in verdicts] == [True, False, False, True]
+    assert "non-finite" in (slot1 or "")  # each slot counts its own answers: its first is checked
+    assert rec.check.counts["values_unchecked"] == 2
