@@ -1,4 +1,5 @@
-"""Shared helpers for service tests: an in-process app with a fake engine, and reading /metrics."""
+"""Shared helpers for service tests: an in-process app with a fake engine (also behind gRPC), and reading
+/metrics."""
 
 from __future__ import annotations
 
@@ -6,18 +7,22 @@ import asyncio
 import contextlib
 import io
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, NamedTuple
 
 import httpx
 import numpy as np
+import pytest
+import tritonclient.grpc.aio as tca
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
 from service.engine.base import Engine
 from service.engine.fake import FakeEngine
 from service.settings import Settings
+from tests.service.server_support import free_port
 
 
 def settings(**overrides: Any) -> Settings:
@@ -46,6 +51,41 @@ async def serving(
             if ready:
                 await wait_ready(client)
             yield client, app
+
+
+class GrpcServing(NamedTuple):
+    client: tca.InferenceServerClient  # tritonclient's asyncio client
+    address: str  # host:port of the gRPC listener, for other channels
+    http: httpx.AsyncClient
+    app: FastAPI
+
+
+@contextlib.asynccontextmanager
+async def grpc_serving(
+    engine: Engine | None = None, ready: bool = True, **overrides: Any
+) -> AsyncIterator[GrpcServing]:
+    """:func:`serving` with gRPC on a free port, and tritonclient's asyncio client to it (closed afterwards)."""
+    port = free_port()
+    async with serving(engine, ready=ready, grpc_port=port, host="127.0.0.1", **overrides) as (http, app):
+        client = tca.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            yield GrpcServing(client, f"127.0.0.1:{port}", http, app)
+        finally:
+            await client.close()
+
+
+async def grpc_error(call: Awaitable[Any]) -> str:
+    """The status tritonclient reports for a call that must fail (``StatusCode.NOT_FOUND``...)."""
+    with pytest.raises(InferenceServerException) as info:
+        await call
+    return str(info.value.status())
+
+
+async def encode_json(client: httpx.AsyncClient, x: np.ndarray) -> np.ndarray:
+    """/encode's answer for ``x`` (JSON both ways), the reference an OIP answer is compared with."""
+    response = await client.post("/encode", json={"inputs": x.tolist()})
+    assert response.status_code == 200, response.text
+    return np.asarray(response.json()["outputs"], np.float32)
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as tca
 from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import InferenceServerException
 
 from service.engine.fake import FakeEngine, fake_output
 from tests.service.cudashm.conftest import MakeRegion
-from tests.service.server_support import free_port
-from tests.service.support import serving
+from tests.service.support import grpc_error, grpc_serving
 
 pytestmark = pytest.mark.anyio
 DIM = 8
@@ -25,25 +23,14 @@ DIM = 8
 
 @contextlib.asynccontextmanager
 async def cuda_service() -> AsyncIterator[tuple[tca.InferenceServerClient, Any]]:
-    port = free_port()
     on = {"shared_memory": "cuda", "cuda_memory": "fake", "devices": "0", "max_shared_memory_bytes": 1 << 20}
-    async with serving(FakeEngine(dim=DIM), grpc_port=port, host="127.0.0.1", **on) as (_, app):
-        client = tca.InferenceServerClient(f"127.0.0.1:{port}")
-        try:
-            yield client, app
-        finally:
-            await client.close()
+    async with grpc_serving(FakeEngine(dim=DIM), **on) as served:
+        yield served.client, served.app
 
 
 def b64(handle: bytes) -> bytes:
     """What tritonclient.utils.cuda_shared_memory.get_raw_handle gives (the client decodes it for gRPC)."""
     return base64.b64encode(handle)
-
-
-async def grpc_error(call: Any) -> str:
-    with pytest.raises(InferenceServerException) as info:
-        await call
-    return str(info.value.status())
 
 
 async def test_register_status_infer_unregister(make_region: MakeRegion) -> None:

@@ -15,7 +15,8 @@ from service.cudashm.fake import FakeCudaRegion
 from service.engine.fake import FakeEngine, fake_output
 from tests.service.cudashm.conftest import MakeRegion
 from tests.service.shm.conftest import MakeShm
-from tests.service.support import serving
+from tests.service.shm.support import shm_infer_body
+from tests.service.support import encode_json, serving
 
 pytestmark = pytest.mark.anyio
 DIM = 8
@@ -34,27 +35,6 @@ def register_body(region: FakeCudaRegion, byte_size: int | None = None, device_i
     """What tritonclient.http's register_cuda_shared_memory sends."""
     b64 = base64.b64encode(region.handle).decode()
     return {"raw_handle": {"b64": b64}, "device_id": device_id, "byte_size": byte_size or region.size}
-
-
-def infer_body(x: np.ndarray, region: str, out_region: str | None, offset: int = 0, out_offset: int = 0) -> bytes:
-    params = {"shared_memory_region": region, "shared_memory_byte_size": x.nbytes, "shared_memory_offset": offset}
-    body: dict[str, Any] = {
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "parameters": params}]
-    }
-    if out_region is not None:
-        out = {
-            "shared_memory_region": out_region,
-            "shared_memory_offset": out_offset,
-            "shared_memory_byte_size": x.nbytes,
-        }
-        body["outputs"] = [{"name": "output", "parameters": out}]
-    return orjson.dumps(body)
-
-
-async def encode(client: Any, x: np.ndarray) -> np.ndarray:
-    response = await client.post("/encode", json={"inputs": x.tolist()})
-    assert response.status_code == 200, response.text
-    return np.asarray(response.json()["outputs"], np.float32)
 
 
 async def test_metadata_names_the_extension() -> None:
@@ -85,7 +65,7 @@ async def test_register_status_infer_in_and_out_unregister(make_region: MakeRegi
         ]
         assert (await client.get(f"{CUDA}/region/in/status")).json() == status[:1]
 
-        answer = await client.post(INFER, content=infer_body(x, "in", "out/slash", offset=256, out_offset=512))
+        answer = await client.post(INFER, json=shm_infer_body(x, "in", "out/slash", offset=256, out_offset=512))
         assert answer.status_code == 200, answer.text
         out = answer.json()["outputs"][0]
         assert out["parameters"] == {
@@ -95,15 +75,13 @@ async def test_register_status_infer_in_and_out_unregister(make_region: MakeRegi
         }
         assert "data" not in out and out["shape"] == list(x.shape)
         written = outputs.array(np.float32, x.shape, offset=512).copy()
-        np.testing.assert_array_equal(written, await encode(client, x))  # the same numbers as /encode
+        np.testing.assert_array_equal(written, await encode_json(client, x))  # the same numbers as /encode
         np.testing.assert_allclose(written, fake_output(x), rtol=1e-6)
 
         # Input from the CUDA region, the answer in the body (binary), FP16 too.
         half = x.astype(np.float16)
         inputs.write(half, offset=0)
-        body = orjson.loads(infer_body(half, "in", None))
-        body["inputs"][0]["datatype"] = "FP16"
-        answer = await client.post(INFER, json=body)
+        answer = await client.post(INFER, json=shm_infer_body(half, "in", offset=0, datatype="FP16"))
         assert answer.status_code == 200, answer.text
         np.testing.assert_array_equal(
             np.asarray(answer.json()["outputs"][0]["data"], np.float16).reshape(x.shape),
@@ -125,14 +103,14 @@ async def test_a_request_can_mix_system_and_cuda_regions(make_region: MakeRegion
         sys_body = {"key": system.key, "offset": 0, "byte_size": x.nbytes}
         assert (await client.post("/v2/systemsharedmemory/region/sys/register", json=sys_body)).status_code == 200
         assert (await client.post(f"{CUDA}/region/gpu/register", json=register_body(cuda_region))).status_code == 200
-        answer = await client.post(INFER, content=infer_body(x, "sys", "gpu"))
+        answer = await client.post(INFER, json=shm_infer_body(x, "sys", "gpu"))
         assert answer.status_code == 200, answer.text
-        np.testing.assert_array_equal(cuda_region.array(np.float32, x.shape), await encode(client, x))
+        np.testing.assert_array_equal(cuda_region.array(np.float32, x.shape), await encode_json(client, x))
         # and the other way round
         cuda_region.write(x * 2)
-        answer = await client.post(INFER, content=infer_body(x, "gpu", "sys"))
+        answer = await client.post(INFER, json=shm_infer_body(x, "gpu", "sys"))
         assert answer.status_code == 200, answer.text
-        np.testing.assert_array_equal(system.array(np.float32, x.shape), await encode(client, x * 2))
+        np.testing.assert_array_equal(system.array(np.float32, x.shape), await encode_json(client, x * 2))
         # one namespace for both kinds, as in Triton
         taken = await client.post(f"{CUDA}/region/sys/register", json=register_body(cuda_region))
         assert taken.status_code == 409 and "already registered" in taken.json()["error"]
@@ -182,14 +160,14 @@ async def test_every_bad_request_is_a_4xx_with_a_message(make_region: MakeRegion
         assert (await client.post(f"{CUDA}/region/nothing/unregister")).status_code == 200  # as in Triton
 
         infer_cases = [
-            ("unknown region", infer_body(x, "nothing", None), 404, "no shared-memory region 'nothing'"),
-            ("past the region", infer_body(x, "r", None, offset=4), 422, "go past the end"),
-            ("output past the region", infer_body(x, "r", "r", out_offset=8), 422, "go past the end"),
+            ("unknown region", shm_infer_body(x, "nothing"), 404, "no shared-memory region 'nothing'"),
+            ("past the region", shm_infer_body(x, "r", offset=4), 422, "go past the end"),
+            ("output past the region", shm_infer_body(x, "r", "r", out_offset=8), 422, "go past the end"),
         ]
-        wrong_size = orjson.loads(infer_body(x, "r", None))
+        wrong_size = shm_infer_body(x, "r")
         wrong_size["inputs"][0]["parameters"]["shared_memory_byte_size"] = x.nbytes - 4
-        infer_cases.append(("size not the tensor's", orjson.dumps(wrong_size), 422, "does not match shape"))
-        for what, content, status, message in infer_cases:
-            answer = await client.post(INFER, content=content)
+        infer_cases.append(("size not the tensor's", wrong_size, 422, "does not match shape"))
+        for what, body, status, message in infer_cases:
+            answer = await client.post(INFER, json=body)
             assert (answer.status_code, message in answer.json()["error"]) == (status, True), (what, answer.text)
         assert app.state.service.cuda_shared_memory.device.opened == 1  # the registered region, nothing more

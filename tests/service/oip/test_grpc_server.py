@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.engine.fake import POISON, FakeEngine, fake_output
 from tests.service.server_support import free_port
-from tests.service.support import metric, serving
+from tests.service.support import grpc_serving, metric, serving
 
 pytestmark = pytest.mark.anyio
 DIM = 8
@@ -29,14 +29,8 @@ async def grpc_service(
     engine: FakeEngine | None = None, ready: bool = True, **overrides: Any
 ) -> AsyncIterator[tuple[tca.InferenceServerClient, pb_grpc.GRPCInferenceServiceStub, Any]]:
     """The app with gRPC on a free port: tritonclient's asyncio client, a bare stub, and the HTTP client."""
-    port = free_port()
-    async with serving(engine, ready=ready, grpc_port=port, host="127.0.0.1", **overrides) as (http, _):
-        client = tca.InferenceServerClient(f"127.0.0.1:{port}")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            try:
-                yield client, pb_grpc.GRPCInferenceServiceStub(channel), http
-            finally:
-                await client.close()
+    async with grpc_serving(engine, ready, **overrides) as served, grpc.aio.insecure_channel(served.address) as channel:
+        yield served.client, pb_grpc.GRPCInferenceServiceStub(channel), served.http
 
 
 def raw_input(x: np.ndarray, name: str = "input") -> InferInput:

@@ -15,12 +15,10 @@ import pytest
 import tritonclient.grpc.aio as tca
 import tritonclient.utils.shared_memory as tshm
 from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import InferenceServerException
 
 from service.engine.fake import fake_output
 from service.shm import SystemSharedMemory
-from tests.service.server_support import free_port
-from tests.service.support import serving
+from tests.service.support import grpc_error, grpc_serving
 
 pytestmark = pytest.mark.anyio
 DIM = 8
@@ -29,16 +27,11 @@ DIM = 8
 @contextlib.asynccontextmanager
 async def shm_service(registry_dir: Path) -> AsyncIterator[tca.InferenceServerClient]:
     """The app with gRPC and the system shared-memory extension on, its registry in ``registry_dir``."""
-    port = free_port()
     limits = {"max_shared_memory_regions": 4, "max_shared_memory_bytes": 1 << 20}
     shm = {"shared_memory": "system", "shared_memory_dir": str(registry_dir), **limits}
-    async with serving(grpc_port=port, host="127.0.0.1", **shm) as (_, app):
-        assert isinstance(app.state.service.shared_memory, SystemSharedMemory)
-        client = tca.InferenceServerClient(f"127.0.0.1:{port}")
-        try:
-            yield client
-        finally:
-            await client.close()
+    async with grpc_serving(**shm) as served:
+        assert isinstance(served.app.state.service.shared_memory, SystemSharedMemory)
+        yield served.client
 
 
 @contextlib.contextmanager
@@ -49,12 +42,6 @@ def region(size: int) -> Iterator[tuple[Any, str]]:
         yield handle, key
     finally:
         tshm.destroy_shared_memory_region(handle)
-
-
-async def grpc_error(call: Any) -> str:
-    with pytest.raises(InferenceServerException) as info:
-        await call
-    return str(info.value.status())
 
 
 async def test_inference_through_shared_memory_in_and_out(tmp_path: Path) -> None:

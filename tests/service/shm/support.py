@@ -1,4 +1,5 @@
-"""Client-side shared-memory objects for the registry tests: created in /dev/shm, removed afterwards."""
+"""Client-side shared-memory objects for the registry tests (created in /dev/shm, removed afterwards), and the
+OIP requests that use registered regions, system or CUDA."""
 
 from __future__ import annotations
 
@@ -51,3 +52,27 @@ def mapped_lines(path: Path) -> int:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def shm_infer_body(
+    x: np.ndarray,
+    region: str,
+    out_region: str | None = None,
+    offset: int | None = None,
+    out_offset: int | None = None,
+    datatype: str = "FP32",
+) -> dict[str, Any]:
+    """An OIP REST infer request whose input ``x`` lies in the registered ``region`` (at ``offset``) and, with
+    ``out_region``, whose answer (the input's size) is written into that one; an offset left None is not sent."""
+    params: dict[str, Any] = {"shared_memory_region": region, "shared_memory_byte_size": x.nbytes}
+    if offset is not None:
+        params["shared_memory_offset"] = offset
+    body: dict[str, Any] = {
+        "inputs": [{"name": "input", "datatype": datatype, "shape": list(x.shape), "parameters": params}]
+    }
+    if out_region is not None:
+        out: dict[str, Any] = {"shared_memory_region": out_region, "shared_memory_byte_size": x.nbytes}
+        if out_offset is not None:
+            out["shared_memory_offset"] = out_offset
+        body["outputs"] = [{"name": "output", "parameters": out}]
+    return body

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pytest
 
 from service.engine.fake import FakeEngine
 from tests.service.batching.support import eventually
 from tests.service.shm.conftest import MakeShm
-from tests.service.shm.support import ShmObject
-from tests.service.support import metric, serving
+from tests.service.shm.support import ShmObject, shm_infer_body
+from tests.service.support import encode_json, metric, serving
 
 pytestmark = pytest.mark.anyio
 DIM = 8
@@ -27,28 +26,6 @@ ON = {"shared_memory": "system", "max_shared_memory_regions": 4, "max_shared_mem
 
 def register_body(obj: ShmObject, offset: int = 0, byte_size: int | None = None) -> dict[str, Any]:
     return {"key": obj.key, "offset": offset, "byte_size": obj.size - offset if byte_size is None else byte_size}
-
-
-def shm_infer_body(x: np.ndarray, region: str, out_region: str | None = None, out_offset: int = 0) -> bytes:
-    """An OIP request whose input (and, with ``out_region``, output) lie in shared memory."""
-    params = {"shared_memory_region": region, "shared_memory_byte_size": x.nbytes}
-    body: dict[str, Any] = {
-        "inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "parameters": params}]
-    }
-    if out_region is not None:
-        out = {
-            "shared_memory_region": out_region,
-            "shared_memory_offset": out_offset,
-            "shared_memory_byte_size": x.nbytes,
-        }
-        body["outputs"] = [{"name": "output", "parameters": out}]
-    return orjson.dumps(body)
-
-
-async def encode(client: Any, x: np.ndarray) -> np.ndarray:
-    response = await client.post("/encode", json={"inputs": x.tolist()})
-    assert response.status_code == 200, response.text
-    return np.asarray(response.json()["outputs"], np.float32)
 
 
 async def test_register_status_unregister_in_tritons_shapes(make_shm: MakeShm) -> None:
@@ -81,9 +58,9 @@ async def test_infer_with_input_and_output_in_shared_memory_equals_encode(make_s
     async with serving(FakeEngine(dim=DIM), **ON) as (client, _):
         await client.post(f"{SHM}/region/in/register", json=register_body(inputs))
         await client.post(f"{SHM}/region/out/register", json=register_body(outputs))
-        response = await client.post(INFER, content=shm_infer_body(x, "in", "out", out_offset=4096))
-        json_answer = await client.post(INFER, content=shm_infer_body(x, "in"))  # output as JSON data
-        reference = await encode(client, x)
+        response = await client.post(INFER, json=shm_infer_body(x, "in", "out", out_offset=4096))
+        json_answer = await client.post(INFER, json=shm_infer_body(x, "in"))  # output as JSON data
+        reference = await encode_json(client, x)
     assert response.status_code == 200, response.text
     (out,) = response.json()["outputs"]
     assert "data" not in out and out["shape"] == [3, 5, DIM]
@@ -141,9 +118,9 @@ async def test_bad_shared_memory_references_in_infer_get_4xx(make_shm: MakeShm) 
     obj = make_shm(4096)
     params = {"shared_memory_region": "r", "shared_memory_byte_size": x.nbytes}
 
-    def body(**override: Any) -> bytes:
+    def body(**override: Any) -> dict[str, Any]:
         item = {"name": "input", "datatype": "FP32", "shape": [2, DIM], "parameters": params | override}
-        return orjson.dumps({"inputs": [item]})
+        return {"inputs": [item]}
 
     cases = [
         ("unknown region", body(shared_memory_region="nope"), 404, "'nope' is registered"),
@@ -154,11 +131,11 @@ async def test_bad_shared_memory_references_in_infer_get_4xx(make_shm: MakeShm) 
     ]
     async with serving(FakeEngine(dim=DIM), **ON) as (client, _):
         await client.post(f"{SHM}/region/r/register", json=register_body(obj, 0, 1024))
-        for what, content, status, message in cases:
-            response = await client.post(INFER, content=content)
+        for what, request, status, message in cases:
+            response = await client.post(INFER, json=request)
             assert response.status_code == status, (what, response.text)
             assert message in response.json()["error"], what
-        fine = await client.post(INFER, content=body())
+        fine = await client.post(INFER, json=body())
         text = (await client.get("/metrics")).text
     assert fine.status_code == 200
     assert metric(text, "encoder_requests_total", outcome="invalid") == len(cases)
@@ -185,12 +162,12 @@ async def test_unregistering_while_a_request_computes_is_safe(make_shm: MakeShm)
     async with serving(engine, max_delay_ms=0, **ON) as (client, _):
         await client.post(f"{SHM}/region/in/register", json=register_body(inputs))
         await client.post(f"{SHM}/region/out/register", json=register_body(outputs))
-        reference = await encode(client, x)
-        busy = asyncio.ensure_future(client.post(INFER, content=shm_infer_body(x, "in", "out")))
+        reference = await encode_json(client, x)
+        busy = asyncio.ensure_future(client.post(INFER, json=shm_infer_body(x, "in", "out")))
         await eventually(lambda: len(engine.batches) == 2)  # the request is computing now
         assert (await client.post(f"{SHM}/unregister")).status_code == 200
         response = await busy
-        after = await client.post(INFER, content=shm_infer_body(x, "in", "out"))
+        after = await client.post(INFER, json=shm_infer_body(x, "in", "out"))
     assert response.status_code == 200, response.text
     np.testing.assert_array_equal(outputs.array(np.float32, x.shape), reference)  # written after the unregister
     assert after.status_code == 404
