@@ -6,7 +6,8 @@
 # point is profiled (py-spy) with the load's client processes, so the JSON says whether a limit is in the clients,
 # the workers or the engine process.
 #
-#   bash loadtest/gpu_cudashm_run.sh OUT_DIR
+#   bash loadtest/gpu_cudashm_run.sh OUT_DIR                 # both steps
+#   STEPS=verify bash loadtest/gpu_cudashm_run.sh OUT_DIR    # then STEPS=bench: one step per command
 #
 # Run from the repository root with the project's packages importable (onnxruntime-gpu, tritonclient[http,grpc],
 # cuda-python, gevent, geventhttpclient, py-spy). Converts bundles/fp16 first where it does not exist. Writes into
@@ -47,15 +48,19 @@ CYCLES=${CYCLES:-100}                        # register/infer/unregister cycles 
 PROFILE_POINTS=${PROFILE_POINTS:-cuda-shm:1}  # py-spy the service and the clients at these loads (comma-separated)
 CUDA_CHECK_EVERY=${CUDA_CHECK_EVERY:-1}      # CUDA loads: read back the values of every N-th answer per client slot
 BUDGET_S=${BUDGET_S:-540}                    # each of the two steps is stopped past this
+STEPS=${STEPS:-verify,bench}                 # which steps run (one each: two commands of under 10 minutes)
 
 if [ "$DEVICE" = cuda ] && [ ! -f "$BUNDLE/manifest.json" ]; then
   "$PY" -m converter --out "$BUNDLE" --precision fp16 --verify-provider cuda || exit 1
 fi
 
-timeout --signal=INT --kill-after=20 "$BUDGET_S" "$PY" loadtest/verify_cudashm.py --model-dir "$BUNDLE" \
-  --seq "$SEQ" --batches "$BATCHES" --cycles "$CYCLES" "${VERIFY_FLAGS[@]}" --out "$OUT/verify.json" \
-  2>&1 | tee "$OUT/verify.log"
-verified=${PIPESTATUS[0]}
+verified=0
+if [[ ",$STEPS," == *,verify,* ]]; then
+  timeout --signal=INT --kill-after=20 "$BUDGET_S" "$PY" loadtest/verify_cudashm.py --model-dir "$BUNDLE" \
+    --seq "$SEQ" --batches "$BATCHES" --cycles "$CYCLES" "${VERIFY_FLAGS[@]}" --out "$OUT/verify.json" \
+    2>&1 | tee "$OUT/verify.log"
+  verified=${PIPESTATUS[0]}
+fi
 
 profile_flags=()
 for point in ${PROFILE_POINTS//,/ }; do profile_flags+=(--profile-point "$point"); done
@@ -63,13 +68,15 @@ for point in ${PROFILE_POINTS//,/ }; do profile_flags+=(--profile-point "$point"
 devices=()
 [ "$DEVICE" = cuda ] && devices=(--devices "${DEVICES:-0}")
 
-timeout --signal=INT --kill-after=20 "$BUDGET_S" "$PY" loadtest/bench_service.py \
-  --device "$DEVICE" --model-dir "$BUNDLE" --servers service "${devices[@]}" --protocols "$PROTOCOLS" \
-  --client-batches "$BATCHES" --concurrency "$CONCURRENCY" --batch-inflight-samples "$BATCH_SAMPLES" \
-  --duration "$DURATION" --warmup "$WARMUP" --workers "$WORKERS" --clients "$CLIENTS" --seq "$SEQ" \
-  --max-batch-size "$MAX_BATCH" --max-delay-ms 0 --cuda-check-every "$CUDA_CHECK_EVERY" "${profile_flags[@]}" \
-  --out "$OUT/bench.json" \
-  2>&1 | tee "$OUT/bench.log"
-benched=${PIPESTATUS[0]}
-echo "verification exit code $verified, benchmark exit code $benched; results in $OUT" | tee -a "$OUT/bench.log"
+benched=0
+if [[ ",$STEPS," == *,bench,* ]]; then
+  timeout --signal=INT --kill-after=20 "$BUDGET_S" "$PY" loadtest/bench_service.py \
+    --device "$DEVICE" --model-dir "$BUNDLE" --servers service "${devices[@]}" --protocols "$PROTOCOLS" \
+    --client-batches "$BATCHES" --concurrency "$CONCURRENCY" --batch-inflight-samples "$BATCH_SAMPLES" \
+    --duration "$DURATION" --warmup "$WARMUP" --workers "$WORKERS" --clients "$CLIENTS" --seq "$SEQ" \
+    --max-batch-size "$MAX_BATCH" --max-delay-ms 0 --cuda-check-every "$CUDA_CHECK_EVERY" "${profile_flags[@]}" \
+    --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  benched=${PIPESTATUS[0]}
+fi
+echo "steps $STEPS: verification exit code $verified, benchmark exit code $benched; results in $OUT"
 [ "$verified" = 0 ] && [ "$benched" = 0 ]
