@@ -6,6 +6,12 @@ is free, :class:`EngineHost` merges what every worker sent (FIFO, one sequence l
 bucket) into one run and writes each answer back over its input. Eight workers with an engine each meant
 eight CUDA contexts time-slicing one GPU on batches of one to three; here they share one queue.
 
+The event loop reads frames (:mod:`service.engine.connection`), registers regions
+(:mod:`service.engine.registrar`), queues jobs and writes answers; the batch itself runs on the compute thread
+(:mod:`service.engine.compute`), so the loop goes on while the GPU computes. Nothing a computing batch reads is
+unpinned or unmapped under it: its jobs hold their client regions, and the arena of a worker that leaves
+meanwhile is closed when the batch ends.
+
 With several GPUs there is one engine process per device (``--device`` names it in metrics; its GPU is the
 only one it sees), and the workers spread their batches over them (:mod:`service.engine.router`).
 
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -34,9 +41,10 @@ import numpy as np
 from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
 from service.engine import ipc
 from service.engine.base import Engine, EngineUnrecoverable
+from service.engine.compute import Computed, ComputeThread
 from service.engine.connection import WorkerConnection
 from service.engine.cuda_regions import CudaRegion, CudaRegionTable
-from service.engine.jobs import DeviceFinite, Job, read_job, refused_parts, run_parts
+from service.engine.jobs import DeviceFinite, Job, read_job, refused_parts
 from service.engine.regions import ClientRegion, RegionTable
 from service.errors import non_finite
 
@@ -68,6 +76,11 @@ class EngineHost:
         self._jobs: deque[Job] = deque()
         self._workers: set[WorkerConnection] = set()
         self._scheduled = False
+        self._compute: ComputeThread | None = None  # while serving
+        self._computing: list[Job] | None = None  # the batch on the compute thread
+        self._idle: asyncio.Event | None = None  # set while no batch computes
+        self._stopping = False
+        self._leaving: list[WorkerConnection] = []  # detached while the batch computing now reads their arenas
         self._dead: asyncio.Future[None] | None = None  # fails with what broke the engine
         self.failure: str | None = None
         self.quickest_s = 0.0  # the quickest run so far (0: none yet), in every reply for the workers' routing
@@ -91,6 +104,9 @@ class EngineHost:
         """Accept workers on ``path`` until cancelled; raises :class:`EngineUnrecoverable` when the engine broke."""
         loop = asyncio.get_running_loop()
         self._dead = loop.create_future()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._compute = ComputeThread(self.engine, loop)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         staging = f"{path}.{os.getpid()}"
         listener.bind(staging)
@@ -116,6 +132,9 @@ class EngineHost:
             for task in attaching:
                 task.cancel()
             await asyncio.gather(*attaching, return_exceptions=True)
+            self._stopping = True  # no batch starts now
+            await self._idle.wait()  # the batch computing now reads the workers' memory: it ends first
+            self._compute.stop()
             for worker in list(self._workers):
                 worker.close(None)
             listener.close()
@@ -182,11 +201,18 @@ class EngineHost:
         for region in worker.regions.values():
             self.release(region)  # still mapped while a batch computing now uses it
         worker.regions.clear()
+        if self._computing is not None and any(job.worker is worker for job in self._computing):
+            self._leaving.append(worker)  # the batch computing now copies from and to its arena: closed after
+        else:
+            self._close_arena(worker)
+        log.info("worker %s detached", worker.hello.get("pid"))
+
+    def _close_arena(self, worker: WorkerConnection) -> None:
+        """Unpin and unmap a detached worker's arena (no batch reads it: none of its jobs computes)."""
         unregister = getattr(self.engine, "unregister_host", None)
         if worker.hello["registered"] and unregister is not None:
-            unregister(worker.arena.address)  # batches run on this loop: none is reading the arena now
+            unregister(worker.arena.address)
         worker.arena.close()
-        log.info("worker %s detached", worker.hello.get("pid"))
 
     def request(self, worker: WorkerConnection, sequence: int, body: bytes) -> None:
         """One batch frame: refused at once when invalid (that job only), else queued for the next run."""
@@ -251,50 +277,58 @@ class EngineHost:
         return taken
 
     def _run_next(self) -> None:
-        """One batch, on the event loop itself: frames that arrive meanwhile wait in the socket buffers and join
-        the next batch, and no thread hand-off is paid per batch. The next batch is a later callback, so the
-        answers go out and new frames come in first."""
+        """Hand the next batch to the compute thread, unless one computes: frames that arrive meanwhile are read and
+        queued, and join the batch formed when it ends (:meth:`_computed`)."""
         self._scheduled = False
-        if not self._jobs or self.failure is not None:
+        if self._computing is not None or not self._jobs or self.failure is not None or self._stopping:
             return
+        assert self._compute is not None and self._idle is not None
         batch = self._take()
         started = time.monotonic()
-        samples, seq = sum(j.samples for j in batch), batch[0].seq
         parts = [part for job in batch for part in job.parts]
         outs = [out for job in batch for out in job.outs]
-        failure: Exception | None = None
+        samples = sum(j.samples for j in batch)
         finite = np.ones(samples, bool) if any(any(job.checked) for job in batch) else None
-        try:
-            padded, compute_s = run_parts(self.engine, parts, outs, finite)
-        except Exception as exc:
-            log.warning("batch of %s samples (seq %s) failed: %s", samples, seq, exc, exc_info=True)
-            failure = exc
-            exc.__traceback__ = None  # its frames hold views of client regions, which go before the regions can
-        del parts, outs  # ... be unmapped (see _finish)
+        self._computing = batch
+        self._idle.clear()
+        done = functools.partial(self._computed, batch, started, finite)
+        self._compute.submit(parts, outs, finite, done)
+
+    def _computed(self, batch: list[Job], started: float, finite: np.ndarray | None, result: Computed) -> None:
+        """A batch ended (on the loop): the next one starts before this one's answers are written."""
+        assert self._idle is not None
+        self._computing = None
+        self._idle.set()
+        for worker in self._leaving:
+            self._close_arena(worker)
+        self._leaving.clear()
+        samples, seq = sum(j.samples for j in batch), batch[0].seq
+        failure = result.failure
+        if isinstance(failure, EngineUnrecoverable):
+            message = f"inference failed: {type(failure).__name__}: {failure}"
+            self._observer.on_batch(BatchStats(samples, samples, seq, time.monotonic() - started, (), True))
+            self._break(batch, message, failure)
+            return
+        self._run_next()
         if failure is not None:
             message = f"inference failed: {type(failure).__name__}: {failure}"
             self._observer.on_batch(BatchStats(samples, samples, seq, time.monotonic() - started, (), True))
-            if isinstance(failure, EngineUnrecoverable):
-                self._break(batch, message, failure)
-                return
             for job in batch:
                 job.worker.reply(job.sequence, (ipc.FAILED, message, 0.0, 0.0))
                 self._finish(job)
-        else:
-            # No queue waits here: the workers record their requests' waits, each request once.
-            self._observer.on_batch(BatchStats(samples, padded, seq, compute_s, ()))
-            self.quickest_s = min(self.quickest_s or compute_s, compute_s)
-            quickest = self.quickest_s
-            refused = refused_parts(batch, finite)
-            for job, bad in zip(batch, refused, strict=True):
-                if bad:
-                    text = str(non_finite(self.engine.dtype.name))
-                    job.worker.reply(job.sequence, (ipc.INVALID, ipc.invalid_message(bad, text), compute_s, quickest))
-                else:
-                    job.worker.reply(job.sequence, (ipc.OK, "", compute_s, quickest))
-                self._finish(job)
-        if self._jobs:
-            self._run_soon()
+            return
+        # No queue waits here: the workers record their requests' waits, each request once.
+        self._observer.on_batch(BatchStats(samples, result.padded, seq, result.seconds, ()))
+        self.quickest_s = min(self.quickest_s or result.seconds, result.seconds)
+        quickest = self.quickest_s
+        refused = refused_parts(batch, finite)
+        for job, bad in zip(batch, refused, strict=True):
+            if bad:
+                text = str(non_finite(self.engine.dtype.name))
+                job.worker.reply(job.sequence, (ipc.INVALID, ipc.invalid_message(bad, text), result.seconds, quickest))
+            else:
+                job.worker.reply(job.sequence, (ipc.OK, "", result.seconds, quickest))
+            self._finish(job)
 
     def _break(self, batch: list[Job], message: str, exc: EngineUnrecoverable) -> None:
         """The engine is broken for good: this batch gets BROKEN, everything queued GONE, and serve() raises."""

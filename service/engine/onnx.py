@@ -82,9 +82,7 @@ class OnnxEngine:
         except Exception as exc:
             raise _classified(exc) from exc
 
-    def run_device_into(
-        self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None = None
-    ) -> int:
+    def run_device_into(self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None = None) -> int:
         """One batch whose parts or answers may lie in this GPU's memory (client CUDA shared-memory regions);
         ``finite``: flags to fill, one per row (from the graph's flags output: see ``flags_device_rows``)."""
         try:

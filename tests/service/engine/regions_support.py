@@ -7,12 +7,15 @@ import mmap
 import os
 import socket
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from converter.finite import finite_rows
 from service.engine import ipc
 from service.engine.direct import DirectJob, Span
+from service.engine.fake import FakeEngine
 from tests.service.engine.support import RawWorker
 
 F32 = np.dtype(np.float32)
@@ -75,3 +78,34 @@ def descriptors(pid: int | str = "self") -> int:
         with contextlib.suppress(OSError):  # closed between the listing and the readlink
             count += MEMFD in os.readlink(f"{fds}/{name}")
     return count
+
+
+class PinningEngine(FakeEngine):
+    """A fake engine with the ONNX engine's ``run_into`` and page-locking calls, which it records."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.pinned: dict[int, int] = {}
+        self.unpinned: list[int] = []
+
+    def run_into(
+        self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray], finite: np.ndarray | None = None
+    ) -> int:
+        x = np.concatenate(parts)
+        if finite is not None:
+            finite[:] = finite_rows(x)
+        answer = self.run(x)
+        offset = 0
+        for out in outs:
+            out[...] = answer[offset : offset + out.shape[0]]
+            offset += out.shape[0]
+        return offset
+
+    def register_host(self, ptr: int, nbytes: int) -> bool:
+        assert ptr not in self.pinned
+        self.pinned[ptr] = nbytes
+        return True
+
+    def unregister_host(self, ptr: int) -> None:
+        del self.pinned[ptr]
+        self.unpinned.append(ptr)

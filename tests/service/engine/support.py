@@ -123,9 +123,10 @@ def remotes(path: str, count: int = 1, **kwargs: Any) -> Iterator[list[RemoteEng
 class Gate:
     """A FakeEngine ``fail_if`` that holds every batch inside the engine until :meth:`open` (never fails one).
 
-    The host computes on its event loop, so while a batch is held nothing else happens there: request frames
-    sent meanwhile wait in the sockets, in the order they were sent, and are all read once the gate opens.
-    Which batches the host merges is then certain, not a matter of timing. Workers must attach before.
+    The host computes one batch at a time on its compute thread, so while a batch is held no other starts: request
+    frames sent meanwhile are read and queued in the order they arrive, and the next batch is formed from them once
+    the gate opens. Which batches the host merges is then certain, not a matter of timing. Workers must attach
+    before.
     """
 
     def __init__(self) -> None:

@@ -4,52 +4,27 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from converter.finite import finite_rows
 from service.engine import ipc
 from service.engine.fake import FakeEngine, fake_output
 from service.engine.remote import RemoteEngine
-from tests.service.engine.regions_support import Region, batch, descriptors, job, mappings, register
+from tests.service.engine.regions_support import (
+    PinningEngine,
+    Region,
+    batch,
+    descriptors,
+    job,
+    mappings,
+    register,
+)
 from tests.service.engine.support import TIMEOUT_S, RawWorker, gated, hold_first, hosting, remotes, sample, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 ROW = 4 * 8 * 4  # one sample of (4, 8) float32
-
-
-class PinningEngine(FakeEngine):
-    """A fake engine with the ONNX engine's ``run_into`` and page-locking calls, which it records."""
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.pinned: dict[int, int] = {}
-        self.unpinned: list[int] = []
-
-    def run_into(
-        self, parts: Sequence[np.ndarray], outs: Sequence[np.ndarray], finite: np.ndarray | None = None
-    ) -> int:
-        x = np.concatenate(parts)
-        if finite is not None:
-            finite[:] = finite_rows(x)
-        answer = self.run(x)
-        offset = 0
-        for out in outs:
-            out[...] = answer[offset : offset + out.shape[0]]
-            offset += out.shape[0]
-        return offset
-
-    def register_host(self, ptr: int, nbytes: int) -> bool:
-        assert ptr not in self.pinned
-        self.pinned[ptr] = nbytes
-        return True
-
-    def unregister_host(self, ptr: int) -> None:
-        del self.pinned[ptr]
-        self.unpinned.append(ptr)
 
 
 def test_direct_answers_equal_unbatched_ones_bit_for_bit_and_land_in_the_output_region() -> None:

@@ -1,0 +1,92 @@
+"""The engine process's compute thread: one batch at a time, off the event loop.
+
+While the GPU computes a batch (``run_into`` waits on its streams), the event loop keeps reading worker frames,
+queueing jobs and writing the previous batch's answers; onnxruntime and the CUDA runtime calls release the GIL
+while they wait. One batch at a time: the session runs one batch at a time anyway (one set of captured slots
+under one lock), so a second one handed over early could only wait, and would have been formed before the frames
+that arrive meanwhile could join it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from converter.device_rows import Placed
+from service.engine.base import Engine
+from service.engine.jobs import run_parts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Computed:
+    """What a batch's run gave: the batch size that ran and its seconds, or the exception it raised."""
+
+    padded: int = 0
+    seconds: float = 0.0
+    failure: Exception | None = None
+
+
+def compute(engine: Engine, parts: list[Placed], outs: list[Placed], finite: np.ndarray | None) -> Computed:
+    """:func:`run_parts`, its exception returned rather than raised, with no traceback: the frames of one would
+    hold views of client regions, which must be gone before the regions can be unmapped."""
+    try:
+        padded, seconds = run_parts(engine, parts, outs, finite)
+    except Exception as exc:
+        rows, seq = sum(int(part.shape[0]) for part in parts), int(parts[0].shape[1])
+        log.warning("batch of %s samples (seq %s) failed: %s", rows, seq, exc, exc_info=True)
+        _drop_tracebacks(exc)
+        return Computed(failure=exc)
+    return Computed(padded, seconds)
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    seen: set[int] = set()
+    found: BaseException | None = exc
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        found.__traceback__ = None
+        found = found.__cause__ or found.__context__
+
+
+Done = Callable[[Computed], None]
+_Work = tuple[list[Placed], list[Placed], np.ndarray | None, Done]
+
+
+class ComputeThread:
+    """Runs batches for the event loop ``loop``, one at a time; each result goes back to its ``done`` callback,
+    called on the loop."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine, self._loop = engine, loop
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="engine-compute", daemon=True)
+        self._thread.start()
+
+    def submit(self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None, done: Done) -> None:
+        self._queue.put((list(parts), list(outs), finite, done))
+
+    def stop(self) -> None:
+        """Ends the thread once the batch it may be computing is done (the caller waited for it)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None:
+                return
+            parts, outs, finite, done = work
+            del work
+            result = compute(self._engine, parts, outs, finite)
+            del parts, outs  # no view of a worker's memory outlives the batch on this thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the answer
+                self._loop.call_soon_threadsafe(done, result)
