@@ -271,6 +271,9 @@ def test_sigterm_stops_a_worker_that_waits_for_the_engine_at_once(tmp_path: Path
     """A worker waiting for an engine process (which waits out a long backoff) must not hold up the shutdown."""
     log = tmp_path / "server.log"
     with service(log, *FLAGS, "--engine-restart-backoff-s", "60") as (_, server):
+        # Both workers started first: one still starting when the engine dies waits for it too, and its wait (not
+        # the replacement's, which the test is about) would be the one found below.
+        wait_until(lambda: log.read_text().count("Application startup complete") == 2, "both workers' start")
         first = workers_of(server)
         engine_process(server).kill()
         wait_until(lambda: "exited with status -9" in log.read_text(), "the engine's death to be noticed")

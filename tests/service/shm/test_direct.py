@@ -48,16 +48,17 @@ def mapped(process: psutil.Process, obj: ShmObject) -> int:
 
 
 def usage(process: psutil.Process) -> tuple[int, int, int]:
-    """(mappings of shared-memory objects, open descriptors other than sockets, all mappings) of ``process``.
+    """(mappings of shared-memory objects, open descriptors other than connections', all mappings) of ``process``.
 
-    Sockets are left out: a worker may open an engine connection after the first count (its pool attaches lazily),
-    which is no leak; a region's descriptor is a file."""
+    Sockets and worker arenas are left out: a worker may open an engine connection, with its arena, after the first
+    count (its pool attaches lazily), which is no leak; a region's descriptor is a file of its own."""
     maps = Path(f"/proc/{process.pid}/maps").read_text().splitlines()
     objects = sum(1 for line in maps if "/dev/shm/" in line)
     fds = 0
     for fd in os.listdir(f"/proc/{process.pid}/fd"):
         with contextlib.suppress(OSError):  # closed since the listing
-            fds += not os.readlink(f"/proc/{process.pid}/fd/{fd}").startswith("socket:")
+            link = os.readlink(f"/proc/{process.pid}/fd/{fd}")
+            fds += not link.startswith(("socket:", "/memfd:encoder-arena"))
     return objects, fds, len(maps)
 
 
