@@ -44,7 +44,7 @@ from service.engine.base import Engine, EngineUnrecoverable
 from service.engine.compute import Computed, ComputeThread
 from service.engine.connection import WorkerConnection
 from service.engine.cuda_regions import CudaRegion, CudaRegionTable
-from service.engine.jobs import DeviceFinite, Job, read_job, refused_parts
+from service.engine.jobs import DeviceFinite, Job, read_job, refused_parts, take
 from service.engine.regions import ClientRegion, RegionTable
 from service.errors import non_finite
 
@@ -260,22 +260,6 @@ class EngineHost:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._run_next)
 
-    def _take(self) -> list[Job]:
-        """FIFO jobs of the first job's sequence length, up to ``max_batch_size`` samples (at least one job)."""
-        seq = self._jobs[0].seq
-        taken: list[Job] = []
-        kept: list[Job] = []
-        samples = 0
-        for job in self._jobs:
-            size = job.samples
-            if job.seq == seq and (not taken or samples + size <= self.max_batch_size):
-                taken.append(job)
-                samples += size
-            else:
-                kept.append(job)
-        self._jobs = deque(kept)
-        return taken
-
     def _run_next(self) -> None:
         """Hand the next batch to the compute thread, unless one computes: frames that arrive meanwhile are read and
         queued, and join the batch formed when it ends (:meth:`_computed`)."""
@@ -283,7 +267,7 @@ class EngineHost:
         if self._computing is not None or not self._jobs or self.failure is not None or self._stopping:
             return
         assert self._compute is not None and self._idle is not None
-        batch = self._take()
+        batch, self._jobs = take(self._jobs, self.max_batch_size)
         started = time.monotonic()
         parts = [part for job in batch for part in job.parts]
         outs = [out for job in batch for out in job.outs]

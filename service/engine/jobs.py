@@ -8,6 +8,7 @@ batch; :func:`refused_parts` says which parts of each job held a NaN or an infin
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -99,6 +100,23 @@ def read_job(worker: WorkerConnection, sequence: int, body: bytes, engine: Engin
                 held[region_id] = worker.regions[region_id]
     samples = sum(int(part.shape[0]) for part in parts)
     return Job(worker, sequence, parts, outs, samples, seq, time.monotonic(), list(held.values()), checked, refused)
+
+
+def take(jobs: deque[Job], max_batch_size: int) -> tuple[list[Job], deque[Job]]:
+    """(the next batch, the jobs left): FIFO jobs of the first job's sequence length, up to ``max_batch_size``
+    samples (at least one job)."""
+    seq = jobs[0].seq
+    taken: list[Job] = []
+    kept: deque[Job] = deque()
+    samples = 0
+    for job in jobs:
+        size = job.samples
+        if job.seq == seq and (not taken or samples + size <= max_batch_size):
+            taken.append(job)
+            samples += size
+        else:
+            kept.append(job)
+    return taken, kept
 
 
 def run_parts(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -77,7 +80,24 @@ class HostThread:
         wait_until(lambda: os.path.exists(self.path) or not self._thread.is_alive(), "the engine host to listen")
         if not os.path.exists(self.path):
             raise AssertionError(f"the engine host ended before it listened: {self.error!r}")
+        _SERVING.add(self)
         return self
+
+    def drain(self) -> None:
+        """Until the host has read and queued every frame its workers sent (none left in a socket)."""
+
+        def unread() -> int:
+            sockets = [worker.sock for worker in list(self.host._workers) if not worker.closed]
+            with contextlib.suppress(OSError, ValueError):  # closed meanwhile: nothing to read there
+                return sum(_pending(sock) for sock in sockets)
+            return 0
+
+        if self._thread.is_alive() and self._loop is not None:
+            wait_until(lambda: unread() == 0, "the host to read every frame sent")
+            read = threading.Event()  # ... and to be done with the last one: one round trip through its loop
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(read.set)
+                read.wait(TIMEOUT_S)
 
     @property
     def alive(self) -> bool:
@@ -88,6 +108,7 @@ class HostThread:
         assert not self._thread.is_alive(), "the engine host did not end"
 
     def stop(self) -> None:
+        _SERVING.discard(self)
         if self._thread.is_alive():
             wait_until(lambda: self._task is not None, "the serve task")
             assert self._loop is not None and self._task is not None
@@ -120,13 +141,23 @@ def remotes(path: str, count: int = 1, **kwargs: Any) -> Iterator[list[RemoteEng
             engine.close()
 
 
+_SERVING: set[HostThread] = set()
+
+
+def _pending(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock`` to be read."""
+    count = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
 class Gate:
     """A FakeEngine ``fail_if`` that holds every batch inside the engine until :meth:`open` (never fails one).
 
     The host computes one batch at a time on its compute thread, so while a batch is held no other starts: request
-    frames sent meanwhile are read and queued in the order they arrive, and the next batch is formed from them once
-    the gate opens. Which batches the host merges is then certain, not a matter of timing. Workers must attach
-    before.
+    frames sent meanwhile are read and queued in the order they arrive, and :meth:`open` waits until every serving
+    host has read them, so the next batch is formed from all of them. Which batches the host merges is then
+    certain, not a matter of timing. Workers must attach before.
     """
 
     def __init__(self) -> None:
@@ -138,6 +169,8 @@ class Gate:
         return False
 
     def open(self) -> None:
+        for host in list(_SERVING):
+            host.drain()
         self._open.set()
 
 
