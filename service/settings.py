@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         description="with several devices: the next device takes batches once the runs of those before it take this "
         "many times their quickest (light loads merge on the first device); 0: every batch to the least-loaded device",
     )
+    engine_thread: bool = Field(
+        default=True,
+        description="with engine processes: each runs its batches on a thread of its own, reading worker frames and "
+        "writing answers while the GPU computes; off: on its event loop, which waits meanwhile (for comparison)",
+    )
     engine_dir: str | None = Field(
         default=None, description="internal: set by the supervisor: the engine processes' sockets and status board"
     )

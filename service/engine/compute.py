@@ -65,6 +65,8 @@ class ComputeThread:
     """Runs batches for the event loop ``loop``, one at a time; each result goes back to its ``done`` callback,
     called on the loop."""
 
+    threaded = True
+
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self._engine, self._loop = engine, loop
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
@@ -90,3 +92,20 @@ class ComputeThread:
             del parts, outs  # no view of a worker's memory outlives the batch on this thread
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the answer
                 self._loop.call_soon_threadsafe(done, result)
+
+
+class InlineCompute:
+    """:class:`ComputeThread`'s interface, computing on the event loop itself, which waits meanwhile: the engine
+    process as it was before it had a compute thread, kept to compare the two (``--no-engine-thread``)."""
+
+    threaded = False
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine, self._loop = engine, loop
+
+    def submit(self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None, done: Done) -> None:
+        result = compute(self._engine, list(parts), list(outs), finite)
+        self._loop.call_soon(done, result)  # later: the caller's views of the batch are gone by then
+
+    def stop(self) -> None:
+        pass

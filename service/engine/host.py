@@ -41,7 +41,7 @@ import numpy as np
 from service.batching.observer import BatcherObserver, BatchStats, NullObserver, SafeObserver
 from service.engine import ipc
 from service.engine.base import Engine, EngineUnrecoverable
-from service.engine.compute import Computed, ComputeThread
+from service.engine.compute import Computed, ComputeThread, InlineCompute
 from service.engine.connection import WorkerConnection
 from service.engine.cuda_regions import CudaRegion, CudaRegionTable
 from service.engine.jobs import DeviceFinite, Job, read_job, refused_parts, take
@@ -64,6 +64,7 @@ class EngineHost:
         max_regions: int = 256,
         max_region_bytes: int = 4 << 30,
         cuda_regions: CudaRegionTable | None = None,
+        threaded: bool = True,
     ) -> None:
         self.engine = engine
         self.device = device
@@ -76,7 +77,8 @@ class EngineHost:
         self._jobs: deque[Job] = deque()
         self._workers: set[WorkerConnection] = set()
         self._scheduled = False
-        self._compute: ComputeThread | None = None  # while serving
+        self._threaded = threaded  # batches on a compute thread (else on the loop: --no-engine-thread)
+        self._compute: ComputeThread | InlineCompute | None = None  # while serving
         self._computing: list[Job] | None = None  # the batch on the compute thread
         self._idle: asyncio.Event | None = None  # set while no batch computes
         self._stopping = False
@@ -106,7 +108,7 @@ class EngineHost:
         self._dead = loop.create_future()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._compute = ComputeThread(self.engine, loop)
+        self._compute = ComputeThread(self.engine, loop) if self._threaded else InlineCompute(self.engine, loop)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         staging = f"{path}.{os.getpid()}"
         listener.bind(staging)
@@ -293,7 +295,10 @@ class EngineHost:
             self._observer.on_batch(BatchStats(samples, samples, seq, time.monotonic() - started, (), True))
             self._break(batch, message, failure)
             return
-        self._run_next()
+        if self._threaded:
+            self._run_next()
+        elif self._jobs:
+            self._run_soon()  # on the loop: answers go out and frames come in first
         if failure is not None:
             message = f"inference failed: {type(failure).__name__}: {failure}"
             self._observer.on_batch(BatchStats(samples, samples, seq, time.monotonic() - started, (), True))
@@ -369,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             log.warning("CUDA shared memory is served by copying: this engine cannot read device memory")
     batch = min(settings.max_batch_size, max(engine.buckets))
-    host = EngineHost(engine, batch, observer, args.device, *limits, cuda_regions=cuda_regions)
+    host = EngineHost(
+        engine, batch, observer, args.device, *limits, cuda_regions=cuda_regions, threaded=settings.engine_thread
+    )
     log.info(
         "engine process ready: %s on %s (device %s), batches up to %s",
         engine.name,

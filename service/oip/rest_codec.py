@@ -249,7 +249,6 @@ def total_size(parts: list[bytes | memoryview]) -> int:
     return sum(len(part) if isinstance(part, bytes) else part.nbytes for part in parts)
 
 
-
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """A body sent with ``Content-Encoding: gzip`` or ``deflate`` (tritonclient's request compression), inflated to
     at most ``limit`` bytes: a small compressed body cannot make the server hold gigabytes."""

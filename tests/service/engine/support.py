@@ -51,8 +51,10 @@ class HostThread:
     is what ``serve`` raised (None after a cancellation).
     """
 
-    def __init__(self, engine: Engine, max_batch_size: int, observer: BatcherObserver | None = None) -> None:
-        self.host = EngineHost(engine, max_batch_size, observer)
+    def __init__(
+        self, engine: Engine, max_batch_size: int, observer: BatcherObserver | None = None, threaded: bool = True
+    ) -> None:
+        self.host = EngineHost(engine, max_batch_size, observer, threaded=threaded)
         # Unix socket paths are limited to ~107 bytes: a short private directory, not pytest's long tmp_path.
         self.directory = tempfile.mkdtemp(prefix="eh-")
         self.path = os.path.join(self.directory, "s")
@@ -92,7 +94,9 @@ class HostThread:
                 return sum(_pending(sock) for sock in sockets)
             return 0
 
-        if self._thread.is_alive() and self._loop is not None:
+        # Without the compute thread (--no-engine-thread) a held batch holds the loop: the frames wait in the sockets
+        # and are all read once the gate opens, before the next batch.
+        if self._thread.is_alive() and self._loop is not None and self.host._threaded:
             wait_until(lambda: unread() == 0, "the host to read every frame sent")
             read = threading.Event()  # ... and to be done with the last one: one round trip through its loop
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
@@ -119,9 +123,11 @@ class HostThread:
 
 
 @contextlib.contextmanager
-def hosting(engine: Engine, max_batch_size: int = 8, observer: BatcherObserver | None = None) -> Iterator[HostThread]:
+def hosting(
+    engine: Engine, max_batch_size: int = 8, observer: BatcherObserver | None = None, threaded: bool = True
+) -> Iterator[HostThread]:
     """A serving :class:`HostThread`, stopped (and its socket directory removed) afterwards."""
-    host = HostThread(engine, max_batch_size, observer).start()
+    host = HostThread(engine, max_batch_size, observer, threaded).start()
     try:
         yield host
     finally:

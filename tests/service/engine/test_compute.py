@@ -10,7 +10,7 @@ import pytest
 
 from service.engine import ipc
 from service.engine.compute import compute
-from service.engine.fake import FakeEngine, fake_output
+from service.engine.fake import POISON, FakeEngine, fake_output
 from tests.service.engine.regions_support import PinningEngine, Region, register
 from tests.service.engine.support import (
     TIMEOUT_S,
@@ -22,6 +22,7 @@ from tests.service.engine.support import (
     hosting,
     remotes,
     sample,
+    spy_on_sends,
     wait_until,
 )
 
@@ -132,3 +133,26 @@ def test_a_failed_run_comes_back_as_a_value_without_tracebacks() -> None:
     assert result.failure.__cause__.__traceback__ is None
     ok = compute(FakeEngine(), parts, [np.empty_like(parts[0])], None)
     assert ok.failure is None and ok.padded == 1
+
+
+def test_without_the_thread_batches_compute_on_the_loop_and_answer_the_same() -> None:
+    """``--no-engine-thread`` (the comparison mode): merged batches, a failed one, answers, all as with the thread."""
+    engine, gate = gated()
+    xs = [sample(20 + i, batch=2) for i in range(3)]
+    with hosting(engine, threaded=False) as host, remotes(host.path, 3) as rs, ThreadPoolExecutor(3) as pool:
+        held = hold_first(pool, engine, rs[0], xs[0])  # the loop itself waits: the next frames stay in the sockets
+        rest = []
+        for remote, x in zip(rs[1:], xs[1:], strict=True):
+            sent = spy_on_sends(remote)
+            rest.append(pool.submit(remote.run, x))
+            assert sent.acquire(timeout=TIMEOUT_S)
+        assert not host.host._jobs
+        gate.open()
+        for x, future in zip(xs, (held, *rest), strict=True):
+            np.testing.assert_allclose(future.result(TIMEOUT_S), fake_output(x), rtol=1e-6)
+        assert engine.batch_sizes == [2, 4]
+        poisoned = sample(30)
+        poisoned[0, 0, 0] = POISON
+        with pytest.raises(RuntimeError, match="poisoned"):
+            rs[0].run(poisoned)
+        np.testing.assert_allclose(rs[1].run(sample(31)), fake_output(sample(31)), rtol=1e-6)
