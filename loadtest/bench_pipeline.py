@@ -4,7 +4,10 @@ What the engine process does with merged worker batches: parts (16-row parts mer
 memory are copied to the device, computed and copied back into pinned outs. Each total runs serially (one bucket,
 copy in, compute, copy out) and as chunks of each size in ``--chunks`` (copies of one chunk overlap the compute
 of another); device-only replay of each bucket for reference. Checks that every chunked answer equals the serial
-one bit for bit, and both against PyTorch fp32. Needs a CUDA GPU:
+one bit for bit, and both against PyTorch fp32. The NaN/Inf flags the engine process asks for with each batch are
+an output of the captured graphs: each row also times the default policy with them ("flags") and what the
+separate check they replaced cost (one FiniteCheck run per chunk, "old check"), and the session's answers are
+compared bit for bit with the bundle's model without the flags output. Needs a CUDA GPU:
 
     python loadtest/bench_pipeline.py --bundle bundles/fp16 --out loadtest/results/pipeline.json
 """
@@ -12,6 +15,7 @@ one bit for bit, and both against PyTorch fp32. Needs a CUDA GPU:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -22,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
-from converter.bundle import load_bundle
+from converter.bundle import Bundle, load_bundle
+from converter.finite import FiniteCheck
 from converter.model import EncoderDims, default_model
-from converter.pipeline import pick_chunk
-from converter.providers import CUDA, SessionOptions
+from converter.pipeline import chunk_sizes, pick_chunk
+from converter.providers import CUDA, SessionOptions, cuda_options
 from converter.session import EncoderSession, onnxruntime_version
 from converter.verify import rel_l2
 from loadtest.bench_engine import time_ms
@@ -84,6 +90,37 @@ def exactness(session: EncoderSession, model: torch.nn.Module, total: int, chunk
     }
 
 
+def old_check_ms(session: EncoderSession, check: FiniteCheck, total: int, chunk: int, seq: int) -> float:
+    """What the separate NaN/Inf check cost per call: one FiniteCheck run on each chunk's slot input."""
+    buckets = sorted(b for b, s in session._graphs if s == seq)
+    sizes = chunk_sizes(total, chunk or buckets[-1], buckets)
+    shapes = [(size, session._graphs[(size, seq)].input.data_ptr()) for size in sizes]
+
+    def run() -> None:
+        for size, ptr in shapes:
+            check.device(ptr, (size, seq, session.dim))
+
+    return time_ms(run, lambda: None, max(8, 400 // total))
+
+
+def flags_exactness(session: EncoderSession, bundle: Bundle, seq: int) -> dict[str, Any]:
+    """The session's answers (graphs with the flags output) against the bundle's model without it, same kernels,
+    bit for bit; and the flags of a batch with a NaN and an Inf against the host check."""
+    options = dataclasses.replace(session.options, cuda_graphs=False)
+    plain = ort.InferenceSession(str(bundle.model_path), providers=[CUDA], provider_options=[cuda_options(options)])
+    equal = {}
+    for batch in (1, 16, 64):
+        x = filled(session, batch, seq, 7 + batch)
+        (want,) = plain.run([bundle.output_name], {bundle.input_name: x})
+        equal[str(batch)] = bool(np.array_equal(session.run(x).view(np.uint8), want.view(np.uint8)))
+    parts = [filled(session, 16, seq, 40 + i) for i in range(3)]
+    parts[1][3, 5, 7], parts[2][15, seq - 1, 0] = np.nan, np.inf
+    flags = np.zeros(48, bool)
+    session.run_into(parts, [np.empty_like(p) for p in parts], finite=flags)
+    wanted = [i not in (19, 47) for i in range(48)]
+    return {"bitwise_equal_to_plain_model": equal, "flags_right": flags.tolist() == wanted}
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     bundle = load_bundle(args.bundle)
     chunks = [int(c) for c in args.chunks.split(",")]
@@ -101,6 +138,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     print("device-only ms:", {b: round(v, 3) for b, v in device.items()}, flush=True)
     blocking = {b: replay_blocking(session, b, seq) for b in (16, 64, 256)}
     print("replay call vs sync after (ms):", blocking, flush=True)
+    check = FiniteCheck(session.dtype, CUDA, 0)  # the separate check the graphs' flags output replaced
     rows = []
     for total in totals:
         for layout, parts in layouts(session, total, args.part_rows, seq).items():
@@ -111,13 +149,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             for name, chunk in [("serial", 0), *((str(c), c) for c in chunks if c < total), ("default", policy)]:
                 call = functools.partial(session.run_into, parts, outs, chunk=chunk)
                 row["ms"][name] = time_ms(call, lambda: None, max(8, 400 // total))
+            flags = np.ones(total, bool)
+            call = functools.partial(session.run_into, parts, outs, chunk=policy, finite=flags)
+            row["flags_ms"] = time_ms(call, lambda: None, max(8, 400 // total))
+            row["old_check_ms"] = old_check_ms(session, check, total, policy, seq)
             row["default_policy_chunk"] = policy
             rows.append(row)
             print(json.dumps(row), flush=True)
     model = default_model(EncoderDims(**bundle.manifest["dims"])).cuda().float().eval()
     checks = {str(t): exactness(session, model, t, [c for c in chunks if c < t], seq) for t in totals}
-    for key, check in checks.items():
-        print(f"exactness rows={key}: {json.dumps(check)}", flush=True)
+    for key, found in checks.items():
+        print(f"exactness rows={key}: {json.dumps(found)}", flush=True)
+    flagged = flags_exactness(session, bundle, seq)
+    print(f"flags output: {json.dumps(flagged)}", flush=True)
     return {
         "card": torch.cuda.get_device_name(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -129,14 +173,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "replay_blocking_ms": {str(b): v for b, v in blocking.items()},
         "rows": rows,
         "exactness": checks,
+        "flags_exactness": flagged,
     }
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [
         "| rows | layout | device-only ms | serial ms | serial samples/s | best chunk | pipelined ms | pipelined "
-        "samples/s | speedup | default policy: chunk, ms | all chunk sizes (ms) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "samples/s | speedup | default policy: chunk, ms | with NaN/Inf flags ms | old separate check ms | "
+        "all chunk sizes (ms) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for row in result["rows"]:
         total, ms = row["rows"], row["ms"]
@@ -149,7 +195,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {total} | {row['layout']} | {device:.3f} | {serial:.3f} | {total / serial * 1e3:,.0f} | "
             f"{best or '–'} | {best_ms:.3f} | {total / best_ms * 1e3:,.0f} | {serial / best_ms:.2f}× | "
-            f"{row['default_policy_chunk'] or 'serial'}, {ms.get('default', float('nan')):.3f} | {every} |"
+            f"{row['default_policy_chunk'] or 'serial'}, {ms.get('default', float('nan')):.3f} | "
+            f"{row['flags_ms']:.3f} | +{row['old_check_ms']:.3f} | {every} |"
         )
     return "\n".join(lines)
 
