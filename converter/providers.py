@@ -46,6 +46,9 @@ class SessionOptions:
     # (BENCHMARKS.md, "run_into: copies overlapped with compute").
     pipeline_chunks: tuple[int, ...] = (8, 16, 32)
     pipeline_min_chunks: int = 3
+    # The CUDA slot path adds each sample's NaN/Inf flag to the graph as a second output (converter.finite); off
+    # only to compare answers or timings against the model as it is.
+    finite_flags: bool = True
 
     def __post_init__(self) -> None:
         if self.host_path not in HOST_PATHS:

@@ -145,7 +145,8 @@ class EncoderSession(MergedRuns):
             self.bundle.max_seq_len,
             fp16=self.bundle.precision == "fp16",
         )
-        if CUDA in candidates and self.options.cuda_graphs:  # the slot path: finiteness flags come with the answers
+        flags = self.options.finite_flags and self.options.cuda_graphs
+        if flags and CUDA in candidates:  # the slot path: finiteness flags come with the answers
             try:
                 flagged = self._with_flags(so)
                 return ort.InferenceSession(flagged, sess_options=so, providers=candidates, provider_options=opts)

@@ -12,7 +12,7 @@ from converter import merged
 from converter.bundle import load_bundle
 from converter.errors import ProviderError
 from converter.finite import FLAGS_OUTPUT
-from converter.providers import CPU, CUDA, SessionOptions, cuda_options
+from converter.providers import CPU, CUDA, SessionOptions
 from converter.session import EncoderSession
 from converter.verify import TOLERANCE, rel_l2
 
@@ -176,11 +176,11 @@ def test_run_into_on_cuda_flags_non_finite_rows_from_the_graphs_own_output(
     session.warmup()
     assert session.flags_output == FLAGS_OUTPUT and session.describe()["finite_flags"] == "graph output"
     monkeypatch.setattr(merged, "finite_rows", None)  # a host check would fail the test
-    cuda = cuda_options(dataclasses.replace(options, cuda_graphs=False))  # the same kernels, no capture
-    plain = ort.InferenceSession(str(bundle.model_path), providers=[CUDA], provider_options=[cuda])  # no flags
+    plain = EncoderSession(bundle, dataclasses.replace(options, finite_flags=False))  # the model as it is
+    plain.warmup()
+    assert plain.flags_output is None
     x = np.random.default_rng(11).standard_normal((8, 16, session.dim)).astype(np.float32)
-    (want,) = plain.run([bundle.output_name], {bundle.input_name: x})
-    assert session.run(x).tobytes() == want.tobytes()  # the captured bucket-8 graph, flags output and all
+    assert session.run(x).tobytes() == plain.run(x).tobytes()  # the captured bucket-8 graphs, with and without
     parts, wanted = spoiled_parts(session.dim, 9)
     expected = np.concatenate(per_part(session, parts))
     for chunk in (0, 2, None):
@@ -206,6 +206,9 @@ def test_the_cuda_slot_path_builds_the_graph_with_its_finiteness_output(small_bu
     built = session._build([CUDA, CPU])
     assert session.flags_output == FLAGS_OUTPUT
     assert [o.name for o in built.get_outputs()] == [session.bundle.output_name, FLAGS_OUTPUT]
+    off = EncoderSession(session.bundle, SessionOptions(provider="cpu", finite_flags=False))
+    assert [o.name for o in off._build([CUDA, CPU]).get_outputs()] == [session.bundle.output_name]  # as it is
+    assert off.flags_output is None
 
 
 def test_a_graph_that_cannot_take_the_output_is_built_without_it_loudly(
