@@ -15,7 +15,9 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from service.engine.base import Engine
 from service.engine.jobs import run_parts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,16 +65,38 @@ _Work = tuple[list[Placed], list[Placed], np.ndarray | None, Done]
 
 
 class ComputeThread:
-    """Runs batches for the event loop ``loop``, one at a time; each result goes back to its ``done`` callback,
-    called on the loop."""
+    """Runs batches, one at a time, for the event loop it is bound to (:meth:`bind`); each result goes back to its
+    ``done`` callback, called on the loop.
+
+    onnxruntime keeps a session's captured CUDA graphs per thread (and captures on a thread's third run of a shape,
+    in CUDA's global capture mode, which fails other threads' calls meanwhile): the engine's warm-up must run here
+    too (:meth:`call`), so that the graphs it captures are the ones the batches replay.
+    """
 
     threaded = True
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-        self._engine, self._loop = engine, loop
-        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.SimpleQueue[_Work | Callable[[], None] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="engine-compute", daemon=True)
         self._thread.start()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on this thread (e.g. the engine's warm-up), waited for; its exception is raised here."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller, who raises it
+                future.set_exception(exc)
+
+        self._queue.put(run)
+        return future.result()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
 
     def submit(self, parts: Sequence[Placed], outs: Sequence[Placed], finite: np.ndarray | None, done: Done) -> None:
         self._queue.put((list(parts), list(outs), finite, done))
@@ -86,10 +111,14 @@ class ComputeThread:
             work = self._queue.get()
             if work is None:
                 return
+            if callable(work):
+                work()
+                continue
             parts, outs, finite, done = work
             del work
             result = compute(self._engine, parts, outs, finite)
             del parts, outs  # no view of a worker's memory outlives the batch on this thread
+            assert self._loop is not None
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the answer
                 self._loop.call_soon_threadsafe(done, result)
 

@@ -65,6 +65,7 @@ class EngineHost:
         max_region_bytes: int = 4 << 30,
         cuda_regions: CudaRegionTable | None = None,
         threaded: bool = True,
+        compute: ComputeThread | None = None,
     ) -> None:
         self.engine = engine
         self.device = device
@@ -77,7 +78,8 @@ class EngineHost:
         self._jobs: deque[Job] = deque()
         self._workers: set[WorkerConnection] = set()
         self._scheduled = False
-        self._threaded = threaded  # batches on a compute thread (else on the loop: --no-engine-thread)
+        self._threaded = threaded or compute is not None  # batches on a compute thread (else on the loop)
+        self._thread = compute  # the one the engine warmed up on, if made before (see ComputeThread)
         self._compute: ComputeThread | InlineCompute | None = None  # while serving
         self._computing: list[Job] | None = None  # the batch on the compute thread
         self._idle: asyncio.Event | None = None  # set while no batch computes
@@ -108,7 +110,12 @@ class EngineHost:
         self._dead = loop.create_future()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._compute = ComputeThread(self.engine, loop) if self._threaded else InlineCompute(self.engine, loop)
+        if self._threaded:
+            self._thread = self._thread or ComputeThread(self.engine)
+            self._thread.bind(loop)
+            self._compute = self._thread
+        else:
+            self._compute = InlineCompute(self.engine, loop)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         staging = f"{path}.{os.getpid()}"
         listener.bind(staging)
@@ -360,7 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _exit_with_parent()
     engine = build_engine(settings)
-    engine.warmup()
+    compute = ComputeThread(engine) if settings.engine_thread else None
+    if compute is not None:
+        compute.call(engine.warmup)  # its CUDA graphs captured on the thread that will replay them
+    else:
+        engine.warmup()
     metrics = Metrics()  # with several workers: the same multiprocess directory, so /metrics shows our batches
     observer = metrics.observer(engine.buckets, device=args.device)
     limits = (settings.max_shared_memory_regions, settings.max_shared_memory_bytes)  # the registry's
@@ -375,7 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("CUDA shared memory is served by copying: this engine cannot read device memory")
     batch = min(settings.max_batch_size, max(engine.buckets))
     host = EngineHost(
-        engine, batch, observer, args.device, *limits, cuda_regions=cuda_regions, threaded=settings.engine_thread
+        engine,
+        batch,
+        observer,
+        args.device,
+        *limits,
+        cuda_regions=cuda_regions,
+        threaded=compute is not None,
+        compute=compute,
     )
     log.info(
         "engine process ready: %s on %s (device %s), batches up to %s",

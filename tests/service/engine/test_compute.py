@@ -3,13 +3,14 @@ and nothing a batch computing now reads (a worker's arena, a client region) is u
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from service.engine import ipc
-from service.engine.compute import compute
+from service.engine.compute import ComputeThread, compute
 from service.engine.fake import POISON, FakeEngine, fake_output
 from tests.service.engine.regions_support import PinningEngine, Region, register
 from tests.service.engine.support import (
@@ -156,3 +157,36 @@ def test_without_the_thread_batches_compute_on_the_loop_and_answer_the_same() ->
         with pytest.raises(RuntimeError, match="poisoned"):
             rs[0].run(poisoned)
         np.testing.assert_allclose(rs[1].run(sample(31)), fake_output(sample(31)), rtol=1e-6)
+
+
+class ThreadNoting(FakeEngine):
+    """Notes the thread of its warm-up and of each run (onnxruntime's CUDA graphs are per thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[tuple[str, int]] = []
+
+    def warmup(self) -> None:
+        self.threads.append(("warmup", threading.get_ident()))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.threads.append(("run", threading.get_ident()))
+        return super().run(x)
+
+
+def test_the_warm_up_runs_on_the_thread_that_computes_the_batches() -> None:
+    engine = ThreadNoting()
+    compute = ComputeThread(engine)
+    compute.call(engine.warmup)
+    with pytest.raises(ZeroDivisionError):
+        compute.call(lambda: 1 // 0)  # raised to the caller, the thread goes on
+    host = HostThread(engine, 8, threaded=True)
+    host.host._thread = compute
+    host.start()
+    try:
+        with remotes(host.path) as (worker,):
+            np.testing.assert_allclose(worker.run(sample(40)), fake_output(sample(40)), rtol=1e-6)
+    finally:
+        host.stop()
+    (warmed,) = {ident for what, ident in engine.threads if what == "warmup"}
+    assert {ident for what, ident in engine.threads if what == "run"} == {warmed} != {threading.get_ident()}
