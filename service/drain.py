@@ -96,10 +96,16 @@ def worker_app() -> FastAPI:
 class WorkerServer(DrainingServer):
     """A worker's server: its own signals drain it as with one worker; the shared deadline drains and stops it."""
 
-    def __init__(self, config: uvicorn.Config, drain_s: float, deadline: Any, retire: Any) -> None:
+    def __init__(self, config: uvicorn.Config, drain_s: float, deadline: Any, retire: Any, up: Any) -> None:
         super().__init__(config, on_drain=_begin_drain_here, drain_s=drain_s)
         self._shared_deadline = deadline  # c_double: the supervisor's drain deadline, inf while serving
         self._retire = retire  # c_bool: stop this worker alone, without a drain window
+        self._up = up  # c_bool: set once this worker's start-up completed (it accepts connections)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._up.value = True
 
     def told_to_stop(self) -> bool:
         """The supervisor wants this worker gone (a drain deadline, or retired): readable before it serves."""
@@ -132,6 +138,7 @@ class WorkerProcess(Process):
         self.drain_s = drain_s
         self.deadline = deadline
         self.retire_flag = _SPAWN.RawValue(ctypes.c_bool, False)
+        self.up_flag = _SPAWN.RawValue(ctypes.c_bool, False)  # its start-up completed (see failed_to_start)
         self.first_start = first_start  # one of the workers the service started with (not a replacement)
         self.failed_starts = failed_starts  # start-ups failed in a row in this worker's slot before it
         self.respawn_at: float | None = None  # it failed to start: its replacement is due then (the supervisor's)
@@ -141,8 +148,17 @@ class WorkerProcess(Process):
     def server(self) -> uvicorn.Server:
         global _this_worker
         if self._server is None:  # in the worker process
-            self._server = _this_worker = WorkerServer(self.config, self.drain_s, self.deadline, self.retire_flag)
+            self._server = _this_worker = WorkerServer(
+                self.config, self.drain_s, self.deadline, self.retire_flag, self.up_flag
+            )
         return self._server
+
+    def failed_to_start(self) -> bool:
+        """It ended without ever serving, by its own failure: uvicorn's start-up failure status, or an error
+        (status > 0) before its start-up completed, such as an import error while the app is loaded. Not a
+        signal: a worker killed while starting is replaced like one killed while serving."""
+        code = self.process.exitcode
+        return code == STARTUP_FAILURE or (code is not None and code > 0 and not self.up_flag.value)
 
     def retire(self) -> None:
         """Stop this worker alone, without a drain window (a SIGTERM would start one: see WorkerServer)."""
@@ -247,7 +263,10 @@ class DrainingSupervisor(Multiprocess):
         """Replace a worker that died or hangs, as uvicorn does (not while draining: see ``run``).
 
         uvicorn stops the service when any worker fails its start-up (exit status STARTUP_FAILURE): it would
-        fail the same way on every restart. That holds for the workers the service starts with (the model, the
+        fail the same way on every restart. An error that ends a worker before its start-up completed counts
+        the same (a module missing when the app is imported exits with status 1, which was taken for a death
+        and restarted at once, hundreds of times a minute, on a GPU host).
+        That holds for the workers the service starts with (the model, the
         app, the socket are broken), and stays fatal here. A replacement is different: it starts while the
         others serve, and can fail for a passing reason (it waits for an engine process that restarts, see
         RouterEngine, but not forever). Stopping a serving service for that turned one engine restart into an
@@ -266,7 +285,7 @@ class DrainingSupervisor(Multiprocess):
                 continue
             process.kill()  # hung, or gone already
             process.join()
-            if process.exitcode != STARTUP_FAILURE:
+            if not worker.failed_to_start():
                 log.info("worker [%s] died: starting another", process.pid)
                 self.processes[idx] = self._spawn()
             elif worker.first_start:

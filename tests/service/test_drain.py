@@ -32,7 +32,8 @@ def worker(
     deadline: float = math.inf, drain_s: float = 10.0
 ) -> tuple[drain.WorkerServer, ctypes.c_double, ctypes.c_bool]:
     shared, retire = ctypes.c_double(deadline), ctypes.c_bool(False)
-    return drain.WorkerServer(uvicorn.Config(app=None), drain_s, shared, retire), shared, retire
+    server = drain.WorkerServer(uvicorn.Config(app=None), drain_s, shared, retire, ctypes.c_bool(False))
+    return server, shared, retire
 
 
 async def tick(server: drain.WorkerServer) -> bool:
@@ -159,9 +160,11 @@ class Ended:
         pass
 
 
-def ended(supervisor: drain.DrainingSupervisor, exitcode: int, **kwargs: Any) -> drain.WorkerProcess:
+def ended(supervisor: drain.DrainingSupervisor, exitcode: int, up: bool = False, **kwargs: Any) -> drain.WorkerProcess:
+    """A worker that ended with ``exitcode``, after its start-up completed if ``up``."""
     worker = drain.WorkerProcess(supervisor.config, [], supervisor.drain_s, supervisor.deadline, **kwargs)
     worker.process = Ended(exitcode)  # type: ignore[assignment]
+    worker.up_flag.value = up
     return worker
 
 
@@ -208,6 +211,35 @@ def test_a_replacement_that_fails_to_start_is_started_again_after_a_doubling_bac
         supervisor.processes[0].process = Ended(STARTUP_FAILURE)  # and it fails to start too
     assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
     assert not supervisor.startup_failed
+
+
+def test_a_worker_of_the_first_start_that_errs_before_serving_stops_the_service(
+    supervisor: drain.DrainingSupervisor, spawned: list[dict[str, Any]]
+) -> None:
+    """A missing module while the app is imported ends a worker with status 1, not uvicorn's start-up failure
+    status: it would fail the same way on every restart (it was restarted hundreds of times a minute)."""
+    supervisor.processes = [ended(supervisor, 1, first_start=True)]
+    supervisor.keep_subprocess_alive()
+    assert supervisor.startup_failed and supervisor.should_exit.is_set()
+    assert spawned == []
+
+
+def test_a_replacement_that_errs_before_serving_is_started_again_after_a_backoff(
+    supervisor: drain.DrainingSupervisor, spawned: list[dict[str, Any]]
+) -> None:
+    supervisor.processes = [ended(supervisor, 1)]
+    supervisor.keep_subprocess_alive()
+    assert spawned == [] and drain._ours(supervisor.processes[0]).respawn_at is not None
+    assert not supervisor.should_exit.is_set()
+
+
+def test_a_worker_that_erred_after_serving_or_was_killed_while_starting_is_replaced_at_once(
+    supervisor: drain.DrainingSupervisor, spawned: list[dict[str, Any]]
+) -> None:
+    supervisor.processes = [ended(supervisor, 1, up=True, first_start=True), ended(supervisor, -9, first_start=True)]
+    supervisor.keep_subprocess_alive()
+    assert spawned == [{"first_start": False, "failed_starts": 0}] * 2
+    assert not supervisor.should_exit.is_set()
 
 
 def test_a_worker_that_died_serving_is_replaced_at_once(
