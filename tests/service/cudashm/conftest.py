@@ -7,7 +7,11 @@ import pytest
 
 from service.cudashm import CudaSharedMemory
 from service.cudashm.fake import FakeCudaRegion, FakeDeviceMemory
-from tests.service.shm.support import ShmObject
+
+# System shared-memory objects too, for requests that mix both kinds.
+from tests.service.shm.conftest import make_shm
+
+__all__ = ["make_shm"]
 
 MakeRegion = Callable[..., FakeCudaRegion]
 
@@ -43,17 +47,3 @@ def registry(registry_dir: Path, device: FakeDeviceMemory) -> Iterator[CudaShare
     cuda = CudaSharedMemory(device, {0: 0, 1: 1}, registry_dir, max_regions=8, max_bytes=1 << 20)
     yield cuda
     cuda.close()
-
-
-@pytest.fixture
-def make_shm() -> Iterator[Callable[..., ShmObject]]:
-    """System shared-memory objects, for requests that mix both kinds."""
-    made: list[ShmObject] = []
-
-    def make(size: int) -> ShmObject:
-        made.append(ShmObject(size))
-        return made[-1]
-
-    yield make
-    for obj in made:
-        obj.destroy()

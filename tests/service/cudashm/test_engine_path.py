@@ -16,7 +16,8 @@ import pytest
 from service.cudashm.fake import FakeCudaRegion
 from service.engine.fake import fake_output
 from tests.service.server_support import running_process
-from tests.service.shm.test_server import Connection, connections_on_two_workers, infer_body
+from tests.service.shm.support import shm_infer_body
+from tests.service.shm.test_server import Connection, connections_on_two_workers
 
 pytestmark = pytest.mark.slow
 DIM = 8
@@ -51,7 +52,7 @@ def test_cuda_regions_are_computed_device_to_device_by_the_engine_process(tmp_pa
             assert conns[1].call("POST", f"{CUDA}/region/out/register", register(outputs))[0] == 200
             for conn in conns:  # whichever worker each landed on
                 outputs.write(np.zeros_like(x))
-                status, answer = conn.call("POST", "/v2/models/encoder/infer", infer_body(x, "in", "out"))
+                status, answer = conn.call("POST", "/v2/models/encoder/infer", shm_infer_body(x, "in", "out"))
                 assert status == 200, answer
                 np.testing.assert_allclose(outputs.array(np.float32, x.shape), fake_output(x), rtol=1e-6)
             # Through the workers' batchers (3 samples: batches of 2 + 1), device to device (conns 0 and 1 are
@@ -67,7 +68,7 @@ def test_cuda_regions_are_computed_device_to_device_by_the_engine_process(tmp_pa
             bad = x.copy()
             bad[1, 2, 3] = np.nan
             inputs.write(bad)
-            status, answer = conns[2].call("POST", "/v2/models/encoder/infer", infer_body(x, "in", "out"))
+            status, answer = conns[2].call("POST", "/v2/models/encoder/infer", shm_infer_body(x, "in", "out"))
             assert status == 422 and "finite" in answer["error"], answer
 
             assert conns[3].call("POST", f"{CUDA}/unregister")[0] == 200

@@ -17,7 +17,8 @@ from tritonclient.utils import InferenceServerException
 from service.cudashm.fake import FakeCudaRegion
 from service.engine.fake import fake_output
 from tests.service.server_support import REPO, clean_env, running_process
-from tests.service.shm.test_server import connections_on_two_workers, infer_body
+from tests.service.shm.support import shm_infer_body
+from tests.service.shm.test_server import connections_on_two_workers
 
 pytestmark = pytest.mark.slow
 DIM = 8
@@ -48,12 +49,12 @@ def test_two_workers_share_cuda_regions(tmp_path: Path) -> None:
                 assert status == 200 and [r["name"] for r in listed] == ["in", "out"]
             for conn in (one, two, one):  # each worker opens the other's region at its first use
                 outputs.write(np.zeros_like(x))
-                status, answer = conn.call("POST", "/v2/models/encoder/infer", infer_body(x, "in", "out"))
+                status, answer = conn.call("POST", "/v2/models/encoder/infer", shm_infer_body(x, "in", "out"))
                 assert status == 200, answer
                 np.testing.assert_allclose(outputs.array(np.float32, x.shape), fake_output(x), rtol=1e-6)
             assert two.call("POST", f"{CUDA}/region/in/register", register(inputs))[0] == 409
             assert two.call("POST", f"{CUDA}/region/in/unregister")[0] == 200
-            status, answer = one.call("POST", "/v2/models/encoder/infer", infer_body(x, "in", "out"))
+            status, answer = one.call("POST", "/v2/models/encoder/infer", shm_infer_body(x, "in", "out"))
             assert status == 404 and "'in' is registered" in answer["error"]
             assert [r["name"] for r in one.call("GET", f"{CUDA}/status")[1]] == ["out"]
     finally:

@@ -15,8 +15,8 @@ from tritonclient.utils import InferenceServerException
 
 from service.engine.fake import fake_output
 from tests.service.server_support import free_port, running_process
-from tests.service.shm.support import ShmObject
-from tests.service.shm.test_server import SHM, Connection, fake_server_args, infer_body
+from tests.service.shm.support import ShmObject, shm_infer_body
+from tests.service.shm.test_server import SHM, Connection, fake_server_args
 
 pytestmark = pytest.mark.slow
 DIM = 8
@@ -73,7 +73,7 @@ def test_rest_registration_serves_grpc_on_another_worker(tmp_path: Path) -> None
                     client.infer("encoder", [tensor], outputs=[wanted])
                 assert "'in' is registered" in raised.value.message()
             assert [r["name"] for r in rest.call("GET", f"{SHM}/status")[1]] == ["out"]
-            status, answer = rest.call("POST", "/v2/models/encoder/infer", infer_body(x, "in", "out"))
+            status, answer = rest.call("POST", "/v2/models/encoder/infer", shm_infer_body(x, "in", "out"))
             assert status == 404, answer
     finally:
         inputs.destroy()

@@ -19,7 +19,7 @@ import pytest
 
 from service.engine.fake import fake_output
 from tests.service.server_support import running_process
-from tests.service.shm.support import ShmObject
+from tests.service.shm.support import ShmObject, shm_infer_body
 from tests.service.shm.test_server import DIM, SHM, fake_server_args
 from tests.service.support import metric
 
@@ -27,14 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 ENGINE = ("--workers", "2", "--shared-engine", "on", "--max-batch-size", "8", "--max-delay-ms", "2")
 
 
-def infer_body(x: np.ndarray, in_region: str, out_region: str | None, datatype: str = "FP32") -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": "input", "datatype": datatype, "shape": list(x.shape)}
-    entry["parameters"] = {"shared_memory_region": in_region, "shared_memory_byte_size": x.nbytes}
-    if out_region is None:
-        return {"inputs": [entry], "outputs": [{"name": "output", "parameters": {"binary_data": False}}]}
-    size = x.nbytes  # answers come in the input's datatype
-    output = {"name": "output", "parameters": {"shared_memory_region": out_region, "shared_memory_byte_size": size}}
-    return {"inputs": [entry], "outputs": [output]}
+JSON_OUTPUT = {"outputs": [{"name": "output", "parameters": {"binary_data": False}}]}  # the answer in the body
 
 
 def engine_processes(server: psutil.Process) -> list[psutil.Process]:
@@ -120,7 +113,7 @@ def test_direct_answers_equal_encode_and_unbatched_ones_and_the_metric_says_dire
             register(client, "out", outputs)
             for i, x in enumerate(xs):
                 inputs.write(x, offset=4096 + 64 * i)
-                body = infer_body(x, "in", "out")
+                body = shm_infer_body(x, "in", "out")
                 body["inputs"][0]["parameters"]["shared_memory_offset"] = 64 * i
                 body["outputs"][0]["parameters"]["shared_memory_offset"] = 128 * i
                 response = client.post("/v2/models/encoder/infer", json=body)
@@ -148,11 +141,11 @@ def test_requests_that_need_a_copy_take_the_copied_path(tmp_path: Path, objects:
             register(client, "out", outputs)
             half = x.astype(np.float16)
             inputs.write(half)
-            response = client.post("/v2/models/encoder/infer", json=infer_body(half, "in", "out", "FP16"))
+            response = client.post("/v2/models/encoder/infer", json=shm_infer_body(half, "in", "out", datatype="FP16"))
             assert response.status_code == 200, response.text  # FP16 in, FP32 engine: a cast, so a copy
             np.testing.assert_array_equal(outputs.array(np.float16, x.shape), encode(url, half).astype(np.float16))
             inputs.write(x)
-            response = client.post("/v2/models/encoder/infer", json=infer_body(x, "in", None))
+            response = client.post("/v2/models/encoder/infer", json=shm_infer_body(x, "in") | JSON_OUTPUT)
             assert response.status_code == 200, response.text  # the answer in the body
             answer = np.asarray(response.json()["outputs"][0]["data"], np.float32).reshape(x.shape)
             np.testing.assert_array_equal(answer, encode(url, x))
@@ -172,7 +165,7 @@ def test_two_hundred_register_use_unregister_cycles_leak_no_mapping_or_descripto
                 try:
                     obj.write(x + i)
                     register(client, f"r{i}", obj)
-                    body = infer_body(x, f"r{i}", f"r{i}")
+                    body = shm_infer_body(x, f"r{i}", f"r{i}")
                     body["outputs"][0]["parameters"]["shared_memory_offset"] = x.nbytes
                     response = client.post("/v2/models/encoder/infer", json=body)
                     assert response.status_code == 200, response.text
@@ -208,7 +201,7 @@ def test_with_two_devices_each_engine_process_maps_the_region_it_computes(
         (obj,) = objects
         with httpx.Client(base_url=url, timeout=30) as client:
             register(client, "r", obj)
-            body = infer_body(x, "r", "r")
+            body = shm_infer_body(x, "r", "r")
             body["outputs"][0]["parameters"]["shared_memory_offset"] = 2048
             for i in range(12):  # sequential batches alternate over the devices (the tie-break)
                 obj.write(x + i)
@@ -232,7 +225,7 @@ def test_a_worker_killed_holding_regions_leaves_none_mapped_in_the_engine_proces
         obj.write(x)
         with httpx.Client(base_url=url, timeout=30) as client:  # one kept-alive connection: one worker
             register(client, "r", obj)
-            body = infer_body(x, "r", "r")
+            body = shm_infer_body(x, "r", "r")
             body["outputs"][0]["parameters"]["shared_memory_offset"] = 2048
             for _ in range(3):
                 assert client.post("/v2/models/encoder/infer", json=body).status_code == 200
@@ -278,7 +271,7 @@ def test_non_finite_direct_inputs_get_422_and_invalid_argument_while_their_batch
                 inputs.write(x, offset=i * row)
 
             def post(i: int) -> httpx.Response:
-                body = infer_body(xs[i], "in", "out")
+                body = shm_infer_body(xs[i], "in", "out")
                 body["inputs"][0]["parameters"]["shared_memory_offset"] = i * row
                 body["outputs"][0]["parameters"]["shared_memory_offset"] = i * row
                 with httpx.Client(base_url=url, timeout=30) as own:
@@ -327,7 +320,7 @@ def test_non_finite_direct_inputs_get_422_and_invalid_argument_while_their_batch
                     assert message in raised.value.message()
             finally:
                 grpc.close()
-            body = infer_body(xs[1], "in", None)  # the answer in the body: the copied path
+            body = shm_infer_body(xs[1], "in") | JSON_OUTPUT  # the answer in the body: the copied path
             body["inputs"][0]["parameters"]["shared_memory_offset"] = row
             copied = client.post("/v2/models/encoder/infer", json=body)
             assert copied.status_code == 422 and copied.json() == {"error": message}

@@ -15,7 +15,7 @@ import pytest
 
 from service.engine.fake import fake_output
 from tests.service.server_support import running_process
-from tests.service.shm.support import ShmObject
+from tests.service.shm.support import ShmObject, shm_infer_body
 
 pytestmark = pytest.mark.slow
 DIM = 8  # the fake engine's width
@@ -66,20 +66,6 @@ def shm_object(size: int) -> Iterator[ShmObject]:
         obj.destroy()
 
 
-def infer_body(x: np.ndarray, in_region: str, out_region: str) -> dict[str, Any]:
-    size = x.nbytes
-    inputs = [
-        {
-            "name": "input",
-            "datatype": "FP32",
-            "shape": list(x.shape),
-            "parameters": {"shared_memory_region": in_region, "shared_memory_byte_size": size},
-        }
-    ]
-    outputs = [{"name": "output", "parameters": {"shared_memory_region": out_region, "shared_memory_byte_size": size}}]
-    return {"inputs": inputs, "outputs": outputs}
-
-
 def test_a_region_registered_through_one_worker_serves_requests_on_another(tmp_path: Path) -> None:
     x = np.random.default_rng(3).standard_normal((2, 5, DIM)).astype(np.float32)
     args = fake_server_args("--workers", "2")
@@ -102,13 +88,13 @@ def test_a_region_registered_through_one_worker_serves_requests_on_another(tmp_p
         for conn in (one, two):  # each worker lists both regions, once
             status, listed = conn.call("GET", f"{SHM}/status")
             assert status == 200 and [r["name"] for r in listed] == ["in", "out"]
-        status, answer = two.call("POST", "/v2/models/encoder/infer", infer_body(x, "in", "out"))
+        status, answer = two.call("POST", "/v2/models/encoder/infer", shm_infer_body(x, "in", "out"))
         assert status == 200, answer
         np.testing.assert_allclose(outputs.array(np.float32, x.shape), fake_output(x), rtol=1e-6)
         duplicate = two.call("POST", f"{SHM}/region/in/register", {"key": key_in, "offset": 0, "byte_size": 8})
         assert duplicate[0] == 409
         assert two.call("POST", f"{SHM}/region/in/unregister")[0] == 200
-        status, answer = one.call("POST", "/v2/models/encoder/infer", infer_body(x, "in", "out"))
+        status, answer = one.call("POST", "/v2/models/encoder/infer", shm_infer_body(x, "in", "out"))
         assert status == 404 and "'in' is registered" in answer["error"]
         assert [r["name"] for r in one.call("GET", f"{SHM}/status")[1]] == ["out"]
         log = (tmp_path / "server.log").read_text()
