@@ -105,9 +105,9 @@ class Settings(BaseSettings):
         "many times their quickest (light loads merge on the first device); 0: every batch to the least-loaded device",
     )
     engine_thread: bool = Field(
-        default=True,
+        default=False,
         description="with engine processes: each runs its batches on a thread of its own, reading worker frames and "
-        "writing answers while the GPU computes; off: on its event loop, which waits meanwhile (for comparison)",
+        "writing answers while the GPU computes (not yet measured on a GPU, hence off); off: on its event loop",
     )
     engine_dir: str | None = Field(
         default=None, description="internal: set by the supervisor: the engine processes' sockets and status board"
