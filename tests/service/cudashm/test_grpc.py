@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as tca
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import InferInput
 
 from service.engine.fake import FakeEngine, fake_output
 from tests.service.cudashm.conftest import MakeRegion
+from tests.service.shm.support import grpc_shm_tensors
 from tests.service.support import grpc_error, grpc_serving
 
 pytestmark = pytest.mark.anyio
@@ -48,11 +49,8 @@ async def test_register_status_infer_unregister(make_region: MakeRegion) -> None
         one = await client.get_cuda_shared_memory_status("out", as_json=True)
         assert list(one["regions"]) == ["out"]
 
-        tensor = InferInput("input", list(x.shape), "FP32")
-        tensor.set_shared_memory("in", x.nbytes)
-        wanted = InferRequestedOutput("output")
-        wanted.set_shared_memory("out", x.nbytes, offset=64)
-        result = await client.infer("encoder", [tensor], outputs=[wanted])
+        tensors, wanted = grpc_shm_tensors(x, "in", "out", out_offset=64)
+        result = await client.infer("encoder", tensors, outputs=wanted)
         assert result.get_output("output").shape == list(x.shape)
         np.testing.assert_allclose(outputs.array(np.float32, x.shape, offset=64), fake_output(x), rtol=1e-6)
 

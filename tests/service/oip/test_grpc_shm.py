@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as tca
 import tritonclient.utils.shared_memory as tshm
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import InferInput
 
 from service.engine.fake import fake_output
 from service.shm import SystemSharedMemory
+from tests.service.shm.support import grpc_shm_tensors
 from tests.service.support import grpc_error, grpc_serving
 
 pytestmark = pytest.mark.anyio
@@ -54,11 +55,8 @@ async def test_inference_through_shared_memory_in_and_out(tmp_path: Path) -> Non
             status = await client.get_system_shared_memory_status(as_json=True)
             assert {r["name"] for r in status["regions"].values()} == {"in", "out"}
             assert status["regions"]["in"]["key"] == in_key and status["regions"]["in"]["byte_size"] == str(x.nbytes)
-            tensor = InferInput("input", list(x.shape), "FP32")
-            tensor.set_shared_memory("in", x.nbytes)
-            wanted = InferRequestedOutput("output")
-            wanted.set_shared_memory("out", x.nbytes, offset=64)
-            result = await client.infer("encoder", [tensor], outputs=[wanted])
+            tensors, wanted = grpc_shm_tensors(x, "in", "out", out_offset=64)
+            result = await client.infer("encoder", tensors, outputs=wanted)
             assert result.get_output("output").shape == list(x.shape)
             y = tshm.get_contents_as_numpy(out, np.float32, [x.nbytes // 4 + 16])[16:].reshape(x.shape)
             np.testing.assert_allclose(y, fake_output(x), rtol=1e-6)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
 
 DEV_SHM = Path("/dev/shm")
 
@@ -76,3 +77,15 @@ def shm_infer_body(
             out["shared_memory_offset"] = out_offset
         body["outputs"] = [{"name": "output", "parameters": out}]
     return body
+
+
+def grpc_shm_tensors(
+    x: np.ndarray, region: str, out_region: str, out_offset: int = 0
+) -> tuple[list[InferInput], list[InferRequestedOutput]]:
+    """tritonclient.grpc's inputs and outputs for ``client.infer`` with ``x`` in the registered ``region`` and the
+    answer (the input's size) written into ``out_region`` at ``out_offset``: the gRPC twin of :func:`shm_infer_body`."""
+    tensor = InferInput("input", list(x.shape), "FP32")
+    tensor.set_shared_memory(region, x.nbytes)
+    wanted = InferRequestedOutput("output")
+    wanted.set_shared_memory(out_region, x.nbytes, offset=out_offset)
+    return [tensor], [wanted]

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.engine.fake import fake_output
 from tests.service.server_support import free_port, running_process
-from tests.service.shm.support import ShmObject, shm_infer_body
+from tests.service.shm.support import ShmObject, grpc_shm_tensors, shm_infer_body
 from tests.service.shm.test_server import SHM, Connection, fake_server_args
 
 pytestmark = pytest.mark.slow
@@ -62,15 +62,12 @@ def test_rest_registration_serves_grpc_on_another_worker(tmp_path: Path) -> None
                 assert rest.call("POST", f"{SHM}/region/{name}/register", body)[0] == 200
             with grpc_client_on_another_worker(grpc_port, workers, avoid=rest.worker) as client:
                 assert sorted(client.get_system_shared_memory_status(as_json=True)["regions"]) == ["in", "out"]
-                tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
-                tensor.set_shared_memory("in", x.nbytes)
-                wanted = grpcclient.InferRequestedOutput("output")
-                wanted.set_shared_memory("out", x.nbytes)
-                client.infer("encoder", [tensor], outputs=[wanted])
+                tensors, wanted = grpc_shm_tensors(x, "in", "out")
+                client.infer("encoder", tensors, outputs=wanted)
                 np.testing.assert_allclose(outputs.array(np.float32, x.shape), fake_output(x), rtol=1e-6)
                 client.unregister_system_shared_memory("in")
                 with pytest.raises(InferenceServerException) as raised:
-                    client.infer("encoder", [tensor], outputs=[wanted])
+                    client.infer("encoder", tensors, outputs=wanted)
                 assert "'in' is registered" in raised.value.message()
             assert [r["name"] for r in rest.call("GET", f"{SHM}/status")[1]] == ["out"]
             status, answer = rest.call("POST", "/v2/models/encoder/infer", shm_infer_body(x, "in", "out"))
