@@ -5,9 +5,8 @@
 the next joins once runs grow long with their size, and among those in use the batch goes to the one with the
 fewest of this worker's samples in flight; direct shared-memory batches spread over all of them.
 
-It follows the engine board (:mod:`service.engine.board`): a device marked down is not used, and when its engine
-process is back (a new generation) a monitor thread attaches again (new socket, new arena, page-locked again by
-the new process).
+Which devices can take a batch (attaching to the engine processes, following the engine board, reattaching after a
+restart) is :class:`~service.engine.attachments.EngineAttachments`, which it extends; this module only routes.
 
 When an engine process dies, only what it held fails: a batch whose request frame could not even be sent
 goes to another device untouched; a batch it was computing gets :class:`~service.engine.base.EngineLost`
@@ -17,57 +16,23 @@ goes to another device untouched; a batch it was computing gets :class:`~service
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 
+from service.engine.attachments import ATTACH_WAIT_S, CONNECTIONS, EngineAttachments
 from service.engine.base import EngineGone, EngineLost, EngineUnreached, EngineUnrecoverable
-from service.engine.board import EngineBoard
 from service.engine.device_jobs import DeviceJob
-from service.engine.devices import DeviceStatus
 from service.engine.direct import DirectJob
 from service.engine.regions import RegionRefused
 from service.engine.remote import Placeable, RemotePool
-from service.engine.routing import SPREAD_RATIO, Candidate, Pace, choose
+from service.engine.routing import SPREAD_RATIO, Candidate, choose
 
-log = logging.getLogger(__name__)
-POLL_S = 0.05  # how often the monitor reads the board (one mmap read per device)
-RETRY_S = 1.0  # after a failed attach, wait this long before the next attempt
-CONNECTIONS = 2  # per device: one batch computing while the previous answer travels back
-# A worker starting while no engine process serves waits this long for one: longer than an engine restart
-# normally takes (the backoff, at most 30 s by default, plus its warm-up). Past it the start-up fails, and the
-# worker supervisor starts another worker after a backoff (service/drain.py).
-ATTACH_WAIT_S = 120.0
-WAIT_LOG_EVERY_S = 5.0
 T = TypeVar("T")
-
-
-@dataclass
-class _Device:
-    """One device as this worker sees it. Guarded by the router's lock."""
-
-    label: str
-    path: str
-    pool: RemotePool | None = None
-    generation: int = 0  # the board generation ``pool`` is attached to
-    down: bool = True  # not to be used (the pool, if any, is closed once nothing runs on it)
-    in_flight: int = 0  # samples of this worker's batches running there, plus reserved ones
-    running: int = 0  # run() calls using the pool now
-    batches: int = 0  # given so far (the tie-break)
-    retry_at: float = 0.0
-    closing: list[RemotePool] = field(default_factory=list)
-    pace: Pace = field(default_factory=Pace)  # its engine's run times (kept over restarts: the same device)
-
-    @property
-    def usable(self) -> bool:
-        return not self.down and self.pool is not None
 
 
 def default_in_flight(connections: int, devices: int, workers: int) -> int:
@@ -87,7 +52,7 @@ def _packs(parts: Sequence[Placeable]) -> bool:
     return not any(isinstance(part, DirectJob) for part in parts)
 
 
-class RouterEngine:
+class RouterEngine(EngineAttachments):
     """Attaches at construction to every engine process that is up; waits (up to ``wait_s``) for one to be.
 
     A worker can start while no engine process serves: it replaces one that died while the engine restarts,
@@ -108,17 +73,9 @@ class RouterEngine:
         workers: int = 1,
         spread_ratio: float = SPREAD_RATIO,
     ) -> None:
-        self.board = EngineBoard(directory)
-        self.connections = connections
+        super().__init__(directory, connections, spread_ratio)
         self.spread_ratio = spread_ratio  # 0: every batch to the least-loaded device (see routing)
-        self._devices = [
-            _Device(label, path, pace=Pace(spread_ratio=spread_ratio))
-            for label, path in zip(self.board.devices, self.board.sockets, strict=True)
-        ]
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._stop = threading.Event()
-        self._monitor: threading.Thread | None = None
+        self._local = threading.local()  # the device this thread's last input_buffer() reserved
         try:
             first = self._attach_first(wait_s, cancelled or (lambda: False))
         except BaseException:
@@ -131,52 +88,7 @@ class RouterEngine:
         self.checks_finite = first.checks_finite
         self.concurrency = in_flight or default_in_flight(connections, len(self._devices), workers)
         self._described = first.describe()
-        self._monitor = threading.Thread(target=self._watch_board, name="engine-router", daemon=True)
-        self._monitor.start()
-
-    def _attach_first(self, wait_s: float, cancelled: Callable[[], bool]) -> RemotePool:
-        """Attach to every engine process that is up, waiting for one if none is; the first pool attached."""
-        started = time.monotonic()
-        said = -math.inf
-        while True:
-            for index, device in enumerate(self._devices):
-                if device.pool is None and time.monotonic() >= device.retry_at:
-                    self._attach(index)
-            first = next((d.pool for d in self._devices if d.pool is not None), None)
-            if first is not None:
-                if said > -math.inf:
-                    waited = time.monotonic() - started
-                    log.warning("worker [%d] waited %.1f s for an engine process", os.getpid(), waited)
-                return first
-            waited = time.monotonic() - started
-            devices = ", ".join(self.board.devices)
-            if cancelled():
-                raise ConnectionError(f"stopped waiting for an engine process (device(s) {devices}): asked to stop")
-            if waited >= wait_s:
-                raise ConnectionError(f"no engine process (device(s) {devices}) accepted this worker in {wait_s:.0f} s")
-            if waited - said >= WAIT_LOG_EVERY_S:
-                said = waited
-                log.warning(
-                    "worker [%d] waiting for an engine process to accept it: device(s) %s restarting; "
-                    "%.0f s so far, at most %.0f s",
-                    os.getpid(),
-                    devices,
-                    waited,
-                    wait_s,
-                )
-            time.sleep(POLL_S)
-
-    @property
-    def devices(self) -> list[str]:
-        return [d.label for d in self._devices]
-
-    def device_status(self) -> list[DeviceStatus]:
-        """Per device: up (its engine process serves, as the supervisor says, and this worker is attached to
-        it) and its restart count."""
-        with self._lock:
-            attached = [device.usable for device in self._devices]
-        status = self.board.status()
-        return [DeviceStatus(s.device, s.up and ok, s.restarts) for s, ok in zip(status, attached, strict=True)]
+        self._start_following()
 
     def spilling(self) -> dict[str, bool]:
         """Per device: its runs are long enough that the next device takes batches too (see ``routing``)."""
@@ -360,64 +272,6 @@ class RouterEngine:
         for pool in closing:
             pool.close()
 
-    def _mark_down(self, index: int, pool: RemotePool, exc: Exception) -> None:
-        with self._lock:
-            device = self._devices[index]
-            if device.pool is not pool or device.down:
-                return  # already known (another batch saw it first), or already reattached
-            device.down = True
-        log.warning("the engine process of device %s is gone (%s): routing around it", device.label, exc)
-
-    def _detach_if_idle(self, device: _Device) -> list[RemotePool]:
-        """A down device's pool, once no batch uses it (lock held): the caller closes it outside the lock."""
-        if device.down and device.pool is not None and device.running == 0:
-            device.closing.append(device.pool)
-            device.pool = None
-        closing, device.closing = device.closing, []
-        return closing
-
-    # --- following the board --------------------------------------------------------------------------------
-
-    def _watch_board(self) -> None:
-        while not self._stop.wait(POLL_S):
-            for index in range(len(self._devices)):
-                try:
-                    self._follow(index)
-                except Exception:  # the monitor must survive anything: a dead one would never reattach
-                    log.exception("following the engine board failed for device %s", self._devices[index].label)
-
-    def _follow(self, index: int) -> None:
-        slot = self.board.read(index)
-        with self._lock:
-            device = self._devices[index]
-            if device.pool is not None and (not slot.up or slot.generation != device.generation):
-                if not device.down:
-                    log.warning("the engine process of device %s is down: routing around it", device.label)
-                device.down = True
-            closing = self._detach_if_idle(device)
-            attach = slot.up and device.pool is None and time.monotonic() >= device.retry_at
-        for pool in closing:
-            pool.close()
-        if attach:
-            self._attach(index)
-
-    def _attach(self, index: int) -> None:
-        """Connect to device ``index``'s engine process if the board says it is up (handshake: blocking)."""
-        device = self._devices[index]
-        slot = self.board.read(index)
-        if not slot.up:
-            return
-        try:
-            pool = RemotePool(device.path, self.connections)
-        except (ConnectionError, OSError) as exc:
-            log.warning("cannot attach to the engine process of device %s yet: %s", device.label, exc)
-            with self._lock:
-                device.retry_at = time.monotonic() + RETRY_S
-            return
-        with self._lock:
-            device.pool, device.generation, device.down = pool, slot.generation, False
-        log.info("attached to the engine process of device %s (generation %s)", device.label, slot.generation)
-
     # --- the rest of the Engine interface --------------------------------------------------------------------
 
     def warmup(self) -> None:
@@ -431,15 +285,3 @@ class RouterEngine:
         status = self.device_status()
         described["devices"] = [{"device": s.device, "up": s.up, "restarts": s.restarts} for s in status]
         return {**described, "engine_process": shared}
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._monitor is not None:
-            self._monitor.join(timeout=5)
-        with self._lock:
-            pools = [d.pool for d in self._devices if d.pool is not None]
-            for device in self._devices:
-                device.pool, device.down = None, True
-        for pool in pools:
-            pool.close()
-        self.board.close()

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine import router as router_module
+from service.engine import attachments  # where the router opens its pools (RemotePool)
 from service.engine.board import EngineBoard, Slot
 from service.engine.direct import DirectJob, Span
 from service.engine.router import RouterEngine
@@ -64,7 +64,7 @@ def router(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RouterEn
     board = EngineBoard.create(str(tmp_path), ["gpu0", "gpu1"])
     for index in range(2):
         board.write(index, Slot(True, 1, 0))
-    monkeypatch.setattr(router_module, "RemotePool", FakePool)
+    monkeypatch.setattr(attachments, "RemotePool", FakePool)
     engine = RouterEngine(str(tmp_path), workers=16)
     try:
         yield engine
@@ -153,7 +153,7 @@ def test_spread_ratio_zero_spreads_every_batch(tmp_path: Path, monkeypatch: pyte
     board = EngineBoard.create(str(tmp_path), ["gpu0", "gpu1"])
     for index in range(2):
         board.write(index, Slot(True, 1, 0))
-    monkeypatch.setattr(router_module, "RemotePool", FakePool)
+    monkeypatch.setattr(attachments, "RemotePool", FakePool)
     engine = RouterEngine(str(tmp_path), spread_ratio=0.0)
     try:
         for batch in (1, 2, 1, 2):
