@@ -14,6 +14,7 @@ Nothing here is needed on the CPU: ``load_cudart`` returns None when no CUDA run
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import glob
@@ -27,6 +28,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 H2D, D2H = 1, 2  # cudaMemcpyKind
+_D2D = 3
 _NON_BLOCKING = 1  # cudaStreamNonBlocking: our copy streams never wait on the legacy default stream
 _DISABLE_TIMING = 2  # cudaEventDisableTiming: cheapest event, we only synchronise on it
 _NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
@@ -36,11 +38,48 @@ class CudaError(RuntimeError):
     pass
 
 
-class CudaRuntime:
-    """The handful of CUDA runtime calls the host path needs, through ctypes."""
+class _PinnedRanges:
+    """Host ranges page-locked through this runtime (allocated or registered): copies from/to them only enqueue."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, ptr: int, nbytes: int) -> None:
+        with self._lock:
+            if ptr not in self._ends:
+                bisect.insort(self._starts, ptr)
+            self._ends[ptr] = ptr + nbytes
+
+    def remove(self, ptr: int) -> None:
+        with self._lock:
+            if self._ends.pop(ptr, None) is not None:
+                self._starts.remove(ptr)
+
+    def holds(self, ptr: int, nbytes: int) -> bool:
+        with self._lock:
+            i = bisect.bisect_right(self._starts, ptr) - 1
+            return i >= 0 and ptr + nbytes <= self._ends[self._starts[i]]
+
+
+class CudaRuntime:
+    """The handful of CUDA runtime calls the host path needs, through ctypes.
+
+    Two handles on the same library. ``lib`` (``ctypes.CDLL``) releases the GIL around each call: every call that
+    can block (synchronisations, allocation, page-locking, copies from/to pageable memory) goes through it, so
+    the process's other threads run meanwhile. ``enqueue`` (``ctypes.PyDLL`` of the same library) keeps the GIL:
+    the calls that only put work on a stream (``cudaMemcpyAsync`` between page-locked host memory, or device
+    memory, and the device; ``cudaEventRecord``) take microseconds, and releasing the GIL for them hands it to
+    any other thread that wants it (the engine process's event loop, beside its compute thread), which then
+    keeps it until it waits or its switch interval (5 ms) ends: a batch of ten such calls can wait ten times
+    (the GIL convoy; ``loadtest/bench_gil.py`` shows it on a CPU). Without ``enqueue`` every call releases.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, enqueue: ctypes.CDLL | None = None) -> None:
         self._lib = lib
+        self._enqueue = lib if enqueue is None else enqueue
+        self._pinned = _PinnedRanges()
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
         lib.cudaHostAlloc.argtypes = [ctypes.POINTER(vp), sz, ctypes.c_uint]
         lib.cudaFreeHost.argtypes = [vp]
@@ -53,6 +92,8 @@ class CudaRuntime:
         lib.cudaEventRecord.argtypes = [vp, vp]
         lib.cudaEventSynchronize.argtypes = [vp]
         lib.cudaGetErrorString.restype = ctypes.c_char_p
+        self._enqueue.cudaMemcpyAsync.argtypes = [vp, vp, sz, ctypes.c_int, vp]
+        self._enqueue.cudaEventRecord.argtypes = [vp, vp]
 
     def _check(self, code: int, what: str) -> None:
         if code != 0:
@@ -61,16 +102,20 @@ class CudaRuntime:
     def host_alloc(self, nbytes: int) -> int:
         ptr = ctypes.c_void_p()
         self._check(self._lib.cudaHostAlloc(ctypes.byref(ptr), nbytes, 0), "cudaHostAlloc")
+        self._pinned.add(int(ptr.value or 0), nbytes)
         return int(ptr.value or 0)
 
     def free_host(self, ptr: int) -> None:
+        self._pinned.remove(ptr)
         self._lib.cudaFreeHost(ptr)
 
     def host_register(self, ptr: int, nbytes: int) -> None:
         """Page-lock existing host memory (e.g. a shared-memory mapping) so copies from/to it are real DMA."""
         self._check(self._lib.cudaHostRegister(ptr, nbytes, 0), "cudaHostRegister")
+        self._pinned.add(ptr, nbytes)
 
     def host_unregister(self, ptr: int) -> None:
+        self._pinned.remove(ptr)
         self._check(self._lib.cudaHostUnregister(ptr), "cudaHostUnregister")
 
     def stream(self) -> int:
@@ -84,14 +129,21 @@ class CudaRuntime:
         return int(handle.value or 0)
 
     def copy(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
-        """Async when the host side is pinned; from pageable memory the driver stages and returns when read."""
-        self._check(self._lib.cudaMemcpyAsync(dst, src, nbytes, kind, stream), "cudaMemcpyAsync")
+        """Async when the host side is pinned; from pageable memory the driver stages and returns when read.
+
+        Keeps the GIL only where it merely enqueues: device to device, or the host side page-locked through this
+        runtime. To or from pageable memory the call waits (for the stream, for staging) and releases it.
+        """
+        host = src if kind == H2D else dst if kind == D2H else None
+        enqueues = kind == _D2D or (host is not None and self._pinned.holds(host, nbytes))
+        lib = self._enqueue if enqueues else self._lib
+        self._check(lib.cudaMemcpyAsync(dst, src, nbytes, kind, stream), "cudaMemcpyAsync")
 
     def sync(self, stream: int) -> None:
         self._check(self._lib.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
     def record(self, event: int, stream: int) -> None:
-        self._check(self._lib.cudaEventRecord(event, stream), "cudaEventRecord")
+        self._check(self._enqueue.cudaEventRecord(event, stream), "cudaEventRecord")
 
     def wait(self, event: int) -> None:
         self._check(self._lib.cudaEventSynchronize(event), "cudaEventSynchronize")
@@ -108,7 +160,7 @@ def _candidates() -> list[str]:
 def load_cudart() -> CudaRuntime | None:
     for name in _candidates():
         try:
-            return CudaRuntime(ctypes.CDLL(name))
+            return CudaRuntime(ctypes.CDLL(name), ctypes.PyDLL(name))  # one library, two GIL policies
         except (OSError, AttributeError):
             continue
     log.warning("no CUDA runtime library found: host copies use onnxruntime's pageable path")
