@@ -135,5 +135,7 @@ def test_load_cudart_opens_a_gil_keeping_handle_beside_the_releasing_one(monkeyp
     monkeypatch.setattr(pinned_module, "CudaRuntime", lambda lib, enqueue: seen.append((lib, enqueue)) or "rt")
     assert pinned_module.load_cudart() == "rt"
     ((lib, enqueue),) = seen
-    assert type(lib) is ctypes.CDLL and isinstance(enqueue, ctypes.PyDLL)
+    keeps_gil = ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]  # what PyDLL adds: no GIL release
+    assert type(lib) is ctypes.CDLL and not lib._func_flags_ & keeps_gil  # type: ignore[attr-defined]
+    assert enqueue._func_flags_ & keeps_gil  # type: ignore[attr-defined]
     assert lib._name == enqueue._name == "libc.so.6"  # type: ignore[attr-defined]
