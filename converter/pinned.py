@@ -28,7 +28,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 H2D, D2H = 1, 2  # cudaMemcpyKind
-_D2D = 3
+_D2D = 3  # cudaMemcpyDeviceToDevice: never waits for the host
 _NON_BLOCKING = 1  # cudaStreamNonBlocking: our copy streams never wait on the legacy default stream
 _DISABLE_TIMING = 2  # cudaEventDisableTiming: cheapest event, we only synchronise on it
 _NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
