@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,6 +22,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def encode_raw(url: str, x: np.ndarray) -> np.ndarray:
+    """The server's /encode answer for ``x``, raw bytes both ways in the input's dtype: the reference an OIP or
+    gRPC answer is compared with, bit for bit."""
+    headers = {"content-type": "application/octet-stream", "x-shape": ",".join(map(str, x.shape))}
+    response = httpx.post(f"{url}/encode", content=x.tobytes(), headers=headers | {"x-dtype": x.dtype.name}, timeout=30)
+    assert response.status_code == 200, response.text
+    return np.frombuffer(response.content, x.dtype).reshape(x.shape)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

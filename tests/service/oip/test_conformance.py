@@ -10,24 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from loadtest import oip_conformance
 from tests.service.conftest import SMALL_DIMS
-from tests.service.server_support import running
+from tests.service.server_support import encode_raw, running
 
 pytestmark = pytest.mark.slow
 DIM = SMALL_DIMS[0]
-
-
-def encode(url: str, x: np.ndarray) -> np.ndarray:
-    """/encode's answer for the same input, raw bytes in the input's dtype."""
-    headers = {"content-type": "application/octet-stream", "x-shape": ",".join(map(str, x.shape))}
-    response = httpx.post(f"{url}/encode", content=x.tobytes(), headers=headers | {"x-dtype": x.dtype.name})
-    assert response.status_code == 200, response.text
-    return np.frombuffer(response.content, x.dtype).reshape(x.shape)
 
 
 def test_tritonclient_http_drives_the_service(
@@ -36,7 +27,7 @@ def test_tritonclient_http_drives_the_service(
     args = ["-m", "service", "--model-dir", str(small_bundle), "--host", "127.0.0.1", "--provider", "cpu"]
     with running([*args, "--seq-lens", "16", "--max-delay-ms", "0"], tmp_path / "server.log") as url:
         answers = oip_conformance.run(url.removeprefix("http://"))
-        by_encode = {case: encode(url, x) for case, x in answers.inputs.items()}
+        by_encode = {case: encode_raw(url, x) for case, x in answers.inputs.items()}
         assert oip_conformance.main(["--url", url.removeprefix("http://"), "--out", str(tmp_path / "run.npz")]) == 0
     assert answers.live and answers.ready and answers.model_ready
     assert answers.server["name"] == "encoder-service"

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import numpy as np
 import psutil
 import pytest
@@ -21,7 +20,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.service.conftest import SMALL_DIMS
-from tests.service.server_support import clean_env, free_port, running, running_process
+from tests.service.server_support import clean_env, encode_raw, free_port, running, running_process
 
 pytestmark = pytest.mark.slow
 DIM = SMALL_DIMS[0]
@@ -61,14 +60,6 @@ def grpc_infer(address: str, x: np.ndarray, model: str = "encoder", **kw: Any) -
         client.close()
 
 
-def encode(url: str, x: np.ndarray) -> np.ndarray:
-    headers = {"content-type": "application/octet-stream", "x-shape": ",".join(map(str, x.shape))}
-    headers["x-dtype"] = x.dtype.name
-    response = httpx.post(f"{url}/encode", content=x.tobytes(), headers=headers, timeout=30)
-    assert response.status_code == 200, response.text
-    return np.frombuffer(response.content, dtype=x.dtype).reshape(x.shape)
-
-
 def test_health_and_metadata(server: tuple[str, str]) -> None:
     client = tc.InferenceServerClient(server[1])
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("encoder")
@@ -87,7 +78,7 @@ def test_infer_equals_encode_and_the_reference(
     x = sample(batch, batch, SEQ, DIM, dtype=dtype)
     y = grpc_infer(address, x)
     assert y.dtype == dtype and y.shape == x.shape
-    np.testing.assert_array_equal(y, encode(url, x))  # same input, same batcher and engine: the same bits
+    np.testing.assert_array_equal(y, encode_raw(url, x))  # same input, same batcher and engine: the same bits
     tolerance = 1e-4 if dtype == np.float32 else 1e-2
     np.testing.assert_allclose(y.astype(np.float32), reference(x.astype(np.float32)), rtol=tolerance, atol=tolerance)
     if batch > 1:  # batched rows equal the same samples sent alone
@@ -140,7 +131,7 @@ def test_bad_requests_get_their_status_and_the_server_goes_on(server: tuple[str,
         call(request, timeout=30)
     assert info.value.code() == code, info.value.details()
     x = sample(7, 1, SEQ, DIM)
-    np.testing.assert_array_equal(grpc_infer(server[1], x), encode(server[0], x))
+    np.testing.assert_array_equal(grpc_infer(server[1], x), encode_raw(server[0], x))
 
 
 def test_grpc_deadline_too_short(server: tuple[str, str]) -> None:
@@ -171,7 +162,7 @@ def test_two_workers_both_serve_grpc(small_bundle: Path, tmp_path: Path) -> None
             for channel in channels:
                 answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(bad(x), timeout=30)
                 y = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(x.shape)
-                np.testing.assert_array_equal(y, encode(url, x))
+                np.testing.assert_array_equal(y, encode_raw(url, x))
             listeners = grpc_listeners(psutil.Process(process.pid), port)
         finally:
             for channel in channels:
