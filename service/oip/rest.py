@@ -8,6 +8,7 @@ come in the protocol's ``{"error": "..."}`` form with the status codes ``/encode
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import State
-from service.api.errors import RETRY_AFTER_S, spec_for
+from service.api.errors import INTERNAL, RETRY_AFTER_S, spec_for
 from service.api.serving import counted, read_body_until, until_disconnected
 from service.dataplane import admitted, off_loop_if_large, timeout_s
 from service.errors import describe
@@ -25,6 +26,8 @@ from service.oip import dataplane as oip
 from service.oip import rest_codec as codec
 from service.oip import rest_schemas as schemas
 from service.state import ServiceState
+
+log = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.OIPError} for code in (400, 404, 408, 413, 415, 422, 429, 500, 503, 504)
@@ -115,6 +118,8 @@ class PartsResponse(Response):
 def error_response(exc: BaseException) -> Response:
     """The protocol's error answer, with the status, Retry-After and Connection of /encode's for the same error."""
     spec = spec_for(exc)
+    if spec is INTERNAL:  # an error nobody foresaw: never silent (as /encode's answer logs it)
+        log.error("unexpected error", exc_info=exc)
     body = codec.error_body(describe(exc))
     return Response(body, status_code=spec.status, media_type=codec.JSON, headers=spec.headers())
 

@@ -13,6 +13,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 from service.engine.fake import FakeEngine, fake_output
+from service.errors import InvalidInput
 from service.oip import rest
 from tests.service.batching.support import eventually
 from tests.service.support import metric, serving
@@ -240,3 +241,16 @@ async def test_a_body_that_stalls_gets_408_and_a_client_that_leaves_is_dropped()
     assert engine.batch_sizes == [1]  # the request whose client left was never computed
     assert metric(text, "encoder_requests_total", outcome="cancelled") == 1
     assert metric(text, "encoder_dropped_requests_total", reason="cancelled") == 1
+
+
+def test_an_unforeseen_error_is_a_logged_500_and_bad_input_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Never silent: an error no table names answers 500 and is logged with its traceback, as /encode's is; a
+    foreseen one (bad input) answers its 4xx without an error log."""
+    with caplog.at_level("ERROR", logger=rest.__name__):
+        refused = rest.error_response(InvalidInput("not finite"))
+        assert refused.status_code == 422 and not caplog.records
+        response = rest.error_response(ZeroDivisionError("surprise"))
+    assert response.status_code == 500
+    assert orjson.loads(response.body) == {"error": "surprise"}
+    (record,) = caplog.records
+    assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError
