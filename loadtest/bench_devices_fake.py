@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
 from loadtest.peers import launch, loadgen, scrape
 
 log = logging.getLogger("bench_devices_fake")

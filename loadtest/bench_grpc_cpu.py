@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
 from loadtest.bench_overhead import DIM, SEQ, NoopEngine, cpu_seconds
 from loadtest.peers import launch
 from loadtest.peers.loadgen import drive, make_spec, percentile

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
 from loadtest.peers import launch
 from loadtest.peers.loadgen import drive, make_spec
 from service.engine.fake import FakeEngine

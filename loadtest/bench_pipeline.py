@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
 from converter.bundle import Bundle, load_bundle
 from converter.finite import FiniteCheck
 from converter.model import EncoderDims, default_model
