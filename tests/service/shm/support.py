@@ -55,6 +55,16 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def fds_to(*prefixes: str) -> int:
+    """This process's descriptors open on a path under one of ``prefixes``: a leak check that other descriptors of
+    the test process (sockets or files of earlier tests, closed by a garbage collection meanwhile) cannot upset."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(prefixes)
+    return count
+
+
 def shm_infer_body(
     x: np.ndarray,
     region: str,
